@@ -1,0 +1,653 @@
+"""The four gym-cards tasks of RL4VLM (Zhai et al. 2024), their prompts, labels and experts.
+
+What lives here:
+- NumberLine-v0, EZPoints-v0, Points24-v0, Blackjack-v0 as gymnasium environments that follow
+  shared/gym-cards-rules.md (state distribution, action indices, step order, rewards, info keys).
+  Every observation is a 300x300 RGB uint8 picture drawn with Pillow's built-in font, with ranks and
+  numbers large enough to read after the model shrinks the picture to 64-96 px.
+  Importing this module registers the gym_cards/... ids with a 300-step time limit.
+- TASKS: one table entry per task with its legal action strings, prompt and answer builders
+  (with and without chain of thought), perception labels and an expert computed from the true state.
+- The solvers behind the experts: a Points solver that uses the env's own evaluator semantics, and
+  a dynamic programme over Blackjack's infinite deck for the best fixed policy.
+
+Behaviour follows the rules file exactly. Choices the rules leave open:
+- A Points formula is evaluated by walking its Python syntax tree (same results as eval on the joined
+  text), except that an integer power above 2**65536 counts as no number instead of hanging; see evaluate().
+- Blackjack draws its cards from np_random exactly as gymnasium's Blackjack-v1 does (same seed, same
+  cards, same rewards; tested). To keep that so, only the dealer's face-up card gets a drawn suit (the
+  draw gymnasium makes); the player's cards take suits in a fixed order, which carry no information.
+- Points solvability means: some formula over the four numbers with + - * / and parentheses, written
+  in the env's actions (no two numbers adjacent), that the env accepts (float semantics, exact ==).
+
+`python envs.py --out DIR` saves sample pictures; `python envs.py --expert` prints the experts' success.
+"""
+import argparse
+import ast
+import functools
+import json
+import math
+import operator
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from PIL import Image, ImageDraw, ImageFont
+
+SIZE = 300  # pictures are SIZE x SIZE RGB
+TABLE = "#35654d"  # green card table
+RED = (200, 0, 0)
+SUITS = "SHCD"  # spades, hearts, clubs, diamonds
+RANK_TEXT = {1: "A", 11: "J", 12: "Q", 13: "K"}  # other ranks show their number
+
+
+def card_value(rank):
+    return min(rank, 10)  # J, Q, K count as 10, an ace as 1
+
+
+def card_name(rank, suit):
+    return RANK_TEXT.get(rank, str(rank)) + suit
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pictures
+
+
+@functools.cache
+def font(size):
+    return ImageFont.load_default(size=size)
+
+
+def draw_suit(d, x, y, s, suit, color):
+    """A small suit sign in the s-by-s square at (x, y); the built-in font has no suit glyphs."""
+    h, q = s / 2, s / 4
+    if suit == "D":
+        d.polygon([(x + h, y), (x + s, y + h), (x + h, y + s), (x, y + h)], fill=color)
+    elif suit == "H":
+        d.ellipse([x, y, x + h, y + h], fill=color)
+        d.ellipse([x + h, y, x + s, y + h], fill=color)
+        d.polygon([(x, y + q), (x + s, y + q), (x + h, y + s)], fill=color)
+    elif suit == "S":
+        d.polygon([(x + h, y), (x + s, y + h + q / 2), (x, y + h + q / 2)], fill=color)
+        d.ellipse([x, y + q, x + h, y + 3 * q], fill=color)
+        d.ellipse([x + h, y + q, x + s, y + 3 * q], fill=color)
+        d.polygon([(x + h, y + h), (x + 3 * q, y + s), (x + q, y + s)], fill=color)
+    else:  # clubs
+        d.ellipse([x + q, y, x + 3 * q, y + h], fill=color)
+        d.ellipse([x, y + q + 1, x + h, y + 3 * q + 1], fill=color)
+        d.ellipse([x + h, y + q + 1, x + s, y + 3 * q + 1], fill=color)
+        d.polygon([(x + h, y + h), (x + 3 * q, y + s), (x + q, y + s)], fill=color)
+
+
+def draw_card(image, box, rank, suit, rank_size):
+    """A white card with its rank as large as the card allows (red for hearts and diamonds)."""
+    x0, y0, x1, y1 = box
+    color = RED if suit in "HD" else (0, 0, 0)
+    d = ImageDraw.Draw(image)
+    d.rounded_rectangle(box, radius=6, fill="white", outline="black", width=2)
+    corner = max(10, (x1 - x0) // 6)
+    draw_suit(d, x0 + 4, y0 + 4, corner, suit, color)
+    # Draw the rank apart and squeeze it sideways where it is wider than the card ("10"), so that
+    # every rank keeps the full height.
+    text, stroke = RANK_TEXT.get(rank, str(rank)), 1 + rank_size // 50
+    left, top, right, bottom = font(rank_size).getbbox(text, stroke_width=stroke)
+    glyphs = Image.new("L", (right - left, bottom - top))
+    ImageDraw.Draw(glyphs).text((-left, -top), text, fill=255, font=font(rank_size), stroke_width=stroke)
+    glyphs = glyphs.resize((min(glyphs.width, x1 - x0 - 8), glyphs.height), Image.BICUBIC)
+    centre_x, centre_y = (x0 + x1) // 2, (y0 + y1 + corner // 2) // 2
+    image.paste(color, (centre_x - glyphs.width // 2, centre_y - glyphs.height // 2), glyphs)
+
+
+def draw_card_back(d, box):
+    x0, y0, x1, y1 = box
+    d.rounded_rectangle(box, radius=6, fill=(30, 60, 140), outline="white", width=2)
+    for x in range(x0 + 8, x1 - 4, 8):  # a checked pattern tells the back from a face
+        d.line([(x, y0 + 6), (x, y1 - 6)], fill=(150, 170, 230))
+    for y in range(y0 + 8, y1 - 4, 8):
+        d.line([(x0 + 6, y), (x1 - 6, y)], fill=(150, 170, 230))
+
+
+def draw_formula(d, entries, top, size):
+    """`Formula: <entries joined by spaces>`, wrapped between entries to fit the width."""
+    lines, line = [], "Formula:"
+    for entry in entries:
+        if d.textlength(line + " " + entry, font=font(size)) > SIZE - 16:
+            lines, line = lines + [line], entry
+        else:
+            line += " " + entry
+    for i, text in enumerate(lines + [line]):
+        d.text((8, top + i * (size + 4)), text, fill="white", font=font(size))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environments
+
+
+class GymCardsEnv(gym.Env):
+    """Common frame: reset = deal + picture, step = play + picture.
+
+    Subclasses define the game in deal() (draw a state from self.np_random), play(action) ->
+    (reward, terminated, truncated), info() and draw() -> PIL image. Tests set a state by assigning the
+    state attributes after reset(); fast simulations call deal()/play()/info() and skip the picture.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
+    actions: tuple[str, ...] = ()
+
+    def __init__(self, render_mode=None):
+        assert render_mode in (None, "rgb_array"), f"unsupported render_mode {render_mode!r}"
+        self.render_mode = render_mode
+        self.observation_space = spaces.Box(0, 255, (SIZE, SIZE, 3), np.uint8)
+        self.action_space = spaces.Discrete(len(self.actions))
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.deal()
+        return self.render(), self.info()
+
+    def step(self, action):
+        assert self.action_space.contains(action), f"action {action!r} not in 0..{len(self.actions) - 1}"
+        reward, terminated, truncated = self.play(int(action))
+        return self.render(), reward, terminated, truncated, self.info()
+
+    def render(self):
+        return np.array(self.draw(), dtype=np.uint8)  # (SIZE, SIZE, 3)
+
+
+class NumberLineEnv(GymCardsEnv):
+    actions = ("-", "+")
+    max_position = 5
+
+    def deal(self):
+        self.position = int(self.np_random.integers(0, self.max_position + 1))
+        self.target = int(self.np_random.integers(0, self.max_position + 1))
+        if self.target == self.position:
+            self.target = (self.target + 1) % self.max_position  # the original's quirk: 5 and 5 give target 1
+        self.steps = 0
+
+    def play(self, action):
+        distance = abs(self.target - self.position)
+        self.position = min(max(self.position + (1 if action == 1 else -1), 0), self.max_position)
+        self.steps += 1
+        if self.position == self.target:
+            return 1.0, True, False
+        reward = -1.0 if abs(self.target - self.position) >= distance else 0.0  # away, or blocked at an end
+        return reward, False, self.steps >= 2 * self.max_position
+
+    def info(self):
+        return {"Target": self.target, "Current": self.position}
+
+    def draw(self):
+        image = Image.new("RGB", (SIZE, SIZE), "white")
+        d = ImageDraw.Draw(image)
+        for xy, text in (((18, 50), f"Target: {self.target}"), ((18, 170), f"Current: {self.position}")):
+            d.text(xy, text, fill="black", font=font(60), stroke_width=1, stroke_fill="black")
+        return image
+
+
+# Python operators a formula can hold: "*" twice is a power and "/" twice a floor division.
+BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+              ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}
+UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+MAX_POWER_BITS = 1 << 16
+
+
+def evaluate(text):
+    """What eval(text) gives for a formula's joined text, or None where eval fails or gives no number.
+
+    Walks the syntax tree and applies Python's own operators, so results (float rounding, int exactness,
+    ZeroDivisionError) are eval's. One departure: eval hangs on 10**10**10, so an integer power above
+    2**MAX_POWER_BITS is None. Such a power takes three of the at most four numbers (base 10 needs an
+    exponent over 19,000), and no operation with the one number left brings it back to exactly 12 or 24,
+    so no reward changes.
+    """
+    try:
+        tree = ast.parse(text.lstrip(" "), mode="eval")  # eval drops leading blanks, ast.parse would not
+    except SyntaxError:
+        return None
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPS:
+            return UNARY_OPS[type(node.op)](value(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPS:
+            a, b = value(node.left), value(node.right)
+            if (isinstance(node.op, ast.Pow) and type(a) is int and type(b) is int and abs(a) > 1
+                    and b * math.log2(abs(a)) > MAX_POWER_BITS):
+                raise OverflowError("integer power too large to compute")
+            return BINARY_OPS[type(node.op)](a, b)
+        raise TypeError(f"not arithmetic: {ast.dump(node)}")  # e.g. (2)(3), which eval fails on too
+
+    try:
+        return value(tree.body)
+    except (ArithmeticError, TypeError, ValueError):  # division by zero, overflow, calls, complex //
+        return None
+
+
+def number_entries(formula):
+    return [int(e) for e in formula if e.isdigit()]
+
+
+class PointsEnv(GymCardsEnv):
+    """Append numbers and operators to a formula, then "=" to have it checked against the target."""
+
+    target: int
+    max_entries: int  # truncated once the formula holds more entries than this
+    card_boxes: tuple  # where the cards lie in the picture
+    rank_size: int
+    formula_top: int
+    formula_size: int
+
+    @property
+    def numbers(self):
+        return [card_value(r) for r in self.ranks]
+
+    def play(self, action):
+        entry = self.actions[action]
+        if len(self.formula) > self.max_entries:
+            return -1.0, False, True
+        if entry.isdigit() and number_entries(self.formula).count(int(entry)) >= self.numbers.count(int(entry)):
+            self.formula.append(" ")  # a number used more often than the cards allow leaves a blank
+            return -1.0, False, False
+        if entry == "=":
+            solved = (evaluate("".join(self.formula)) == self.target
+                      and sorted(number_entries(self.formula)) == sorted(self.numbers))
+            return (10.0 if solved else -1.0), True, False
+        self.formula.append(entry)
+        return 0.0, False, False
+
+    def info(self):
+        return {"Cards": [card_name(r, s) for r, s in zip(self.ranks, self.suits)],
+                "Numbers": self.numbers, "Formula": list(self.formula)}
+
+    def draw(self):
+        image = Image.new("RGB", (SIZE, SIZE), TABLE)
+        d = ImageDraw.Draw(image)
+        for box, rank, suit in zip(self.card_boxes, self.ranks, self.suits):
+            draw_card(image, box, rank, suit, self.rank_size)
+        draw_formula(d, self.formula, self.formula_top, self.formula_size)
+        return image
+
+
+class EZPointsEnv(PointsEnv):
+    actions = tuple(str(n) for n in range(1, 11)) + ("+", "*", "=")
+    target, max_entries = 12, 5
+    card_boxes = ((24, 10, 144, 190), (156, 10, 276, 190))  # two large cards side by side
+    rank_size, formula_top, formula_size = 120, 204, 30
+
+    def deal(self):
+        rank = int(self.np_random.integers(2, 14))
+        first = card_value(rank)
+        product_solution = first in (1, 2, 3, 4, 6) and self.np_random.random() < 0.5
+        second = 12 // first if product_solution else 12 - first  # shown as a plain number card
+        self.ranks = [rank, second]
+        self.suits = [SUITS[i] for i in self.np_random.integers(0, 4, size=2)]
+        if self.np_random.random() < 0.5:
+            self.ranks, self.suits = self.ranks[::-1], self.suits[::-1]
+        self.formula = []
+
+
+class Points24Env(PointsEnv):
+    actions = tuple(str(n) for n in range(1, 11)) + ("+", "-", "*", "/", "(", ")", "=")
+    target, max_entries = 24, 20
+    card_boxes = ((16, 6, 144, 108), (156, 6, 284, 108), (16, 116, 144, 218), (156, 116, 284, 218))  # 2x2
+    rank_size, formula_top, formula_size = 96, 226, 20
+
+    def deal(self):
+        self.ranks = [int(r) for r in self.np_random.integers(1, 14, size=4)]
+        self.suits = [SUITS[i] for i in self.np_random.integers(0, 4, size=4)]
+        self.formula = []
+
+
+DECK = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 10, 10)  # infinite deck: every draw is one of these, equally likely
+
+
+def hand_total(values):
+    """(total, usable ace): an ace counts 11 when that does not bust the hand."""
+    usable = 1 in values and sum(values) + 10 <= 21
+    return sum(values) + 10 * usable, int(usable)
+
+
+class BlackjackEnv(GymCardsEnv):
+    actions = ("stand", "hit")
+    card_w, card_h, gap, left = 54, 84, 4, 7  # five cards fill a row
+    rank_size = 64
+
+    def draw_rank(self):
+        # Same generator call as gymnasium's choice(DECK): index i is rank i + 1 and value DECK[i].
+        return int(self.np_random.choice(len(DECK))) + 1
+
+    def deal(self):
+        self.dealer = [self.draw_rank(), self.draw_rank()]  # gymnasium's order: dealer, then player
+        self.player = [self.draw_rank(), self.draw_rank()]
+        # gymnasium then draws the face-up card's suit and, for a ten-valued card, its face; we make the
+        # same draws so that every later card matches gymnasium's for the same seed.
+        self.up_suit = SUITS[int(self.np_random.choice(4))]
+        if self.dealer[0] >= 10:
+            self.dealer[0] = 11 + int(self.np_random.choice(3))
+
+    def play(self, action):
+        if action == 1:  # hit
+            self.player.append(self.draw_rank())
+            bust = self.total(self.player) > 21
+            return (-1.0 if bust else 0.0), bust, False
+        while self.total(self.dealer) < 17:  # a usable ace counts 11 here, so the dealer stands on soft 17
+            self.dealer.append(self.draw_rank())
+        dealer = self.total(self.dealer) if self.total(self.dealer) <= 21 else 0  # a bust dealer scores 0
+        return float(np.sign(self.total(self.player) - dealer)), True, False
+
+    @staticmethod
+    def total(ranks):
+        return hand_total([card_value(r) for r in ranks])[0]
+
+    def info(self):
+        return {"Dealer": [card_value(r) for r in self.dealer], "Player": [card_value(r) for r in self.player]}
+
+    def box(self, x, y):
+        return (x, y, x + self.card_w, y + self.card_h)
+
+    def draw(self):
+        image = Image.new("RGB", (SIZE, SIZE), TABLE)
+        d = ImageDraw.Draw(image)
+        step = self.card_w + self.gap
+        draw_card(image, self.box(self.left, 8), self.dealer[0], self.up_suit, self.rank_size)
+        draw_card_back(d, self.box(self.left + step, 8))
+        d.text((self.left + 2 * step + 12, 50), "Dealer", fill="white", font=font(36), anchor="lm")
+        for i, rank in enumerate(self.player):  # five cards a row
+            box = self.box(self.left + (i % 5) * step, 112 + (i // 5) * (self.card_h + 8))
+            draw_card(image, box, rank, SUITS[i % 4], self.rank_size)
+        return image
+
+
+# ---------------------------------------------------------------------------------------------------
+# Solvers behind the experts
+
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}  # a single number binds tightest (3)
+APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+def splits(numbers):
+    """Each way to share a multiset of numbers between a left and a right operand."""
+    n = len(numbers)
+    return sorted({(tuple(numbers[i] for i in range(n) if mask >> i & 1),
+                    tuple(numbers[i] for i in range(n) if not mask >> i & 1)) for mask in range(1, 2**n - 1)})
+
+
+def write(op, left, pa, right, pb):
+    """The entries of `left op right`, with just the parentheses that make Python parse this very tree.
+    A right operand of equal precedence keeps its parentheses: a-(b-c), and a+(b+c) too, since float
+    sums depend on the order they are taken in."""
+    p = PRECEDENCE[op]
+    return (*(left if pa >= p else ("(", *left, ")")), op, *(right if pb > p else ("(", *right, ")")))
+
+
+def joins(numbers, ops):
+    """(value, left, pa, op, right, pb) for each way to join two expressions over a split of `numbers`."""
+    for left_numbers, right_numbers in splits(numbers):
+        for a, left, pa in expressions(left_numbers, ops):
+            for b, right, pb in expressions(right_numbers, ops):
+                for op in ops:
+                    if not (op == "/" and b == 0):
+                        yield APPLY[op](a, b), left, pa, op, right, pb
+
+
+@functools.cache
+def expressions(numbers, ops):
+    """Every expression tree over all of the sorted `numbers` with binary `ops`: (value, entries, precedence).
+    The value is computed operation for operation as the env's evaluator computes it from the entries."""
+    if len(numbers) == 1:
+        return ((numbers[0], (str(numbers[0]),), 3),)
+    return tuple((value, write(op, left, pa, right, pb), PRECEDENCE[op])
+                 for value, left, pa, op, right, pb in joins(numbers, ops))
+
+
+@functools.cache
+def solutions(numbers, target, ops):
+    """Every formula (a tuple of entries, shortest first) over all of the sorted `numbers` equal to `target`."""
+    found = {write(op, left, pa, right, pb)
+             for value, left, pa, op, right, pb in joins(numbers, ops) if value == target}
+    return tuple(sorted(found, key=lambda entries: (len(entries), entries)))
+
+
+def points24_solvable(numbers):
+    """Whether four card values (1..10) can make 24 with + - * / and parentheses, as the env checks it."""
+    assert len(numbers) == 4 and all(1 <= n <= 10 for n in numbers), f"need four card values 1..10: {numbers}"
+    return bool(solutions(tuple(sorted(numbers)), 24, "+-*/"))
+
+
+def points_expert(actions, target, info):
+    """The next entry of the first solution that continues the formula so far, or None if none does."""
+    ops = "".join(a for a in actions if a in PRECEDENCE)
+    formula = tuple(info["Formula"])
+    for entries in solutions(tuple(sorted(info["Numbers"])), target, ops):
+        if entries[:len(formula)] == formula and all(e in actions for e in entries):
+            return actions.index(entries[len(formula)] if len(entries) > len(formula) else "=")
+    return None
+
+
+def add_card(total, usable, card):
+    """Blackjack hand state (total, usable ace) after one more card."""
+    hard = total - 10 * usable + card
+    soft = (usable or card == 1) and hard + 10 <= 21  # a hand whose ace counts 1 has hard >= 12 anyway
+    return hard + 10 * soft, int(soft)
+
+
+@functools.cache
+def dealer_finals(total, usable):
+    """Probability of each final dealer total (22 = bust) from a dealer hand state."""
+    if total >= 17:
+        return {min(total, 22): 1.0}
+    finals = Counter()
+    for card in DECK:
+        for final, p in dealer_finals(*add_card(total, usable, card)).items():
+            finals[final] += p / len(DECK)
+    return dict(finals)
+
+
+@functools.cache
+def best_play(total, usable, up):
+    """(expected return, win probability, action) of the best policy from a player state against `up`."""
+    finals = dealer_finals(*add_card(0, 0, up))  # the hidden card is one more draw from the deck
+    stand_win = sum(p for f, p in finals.items() if f > 21 or f < total)
+    stand_value = stand_win - sum(p for f, p in finals.items() if total < f <= 21)
+    hit_value = hit_win = 0.0
+    for card in DECK:
+        next_total, next_usable = add_card(total, usable, card)
+        if next_total > 21:
+            hit_value -= 1 / len(DECK)
+        else:
+            value, win, _ = best_play(next_total, next_usable, up)
+            hit_value, hit_win = hit_value + value / len(DECK), hit_win + win / len(DECK)
+    return (stand_value, stand_win, 0) if stand_value >= hit_value else (hit_value, hit_win, 1)
+
+
+@functools.cache
+def blackjack_optimum():
+    """(policy {(player total, usable ace, dealer up card): action}, expected return, win probability)
+    of the return-maximising fixed policy, by dynamic programming over the infinite deck."""
+    policy = {(t, u, up): best_play(t, u, up)[2]
+              for t in range(4, 22) for u in (0, 1) if t >= 12 or not u for up in range(1, 11)}
+    deals = [(add_card(*add_card(0, 0, a), b), up) for a, b, up in product(DECK, repeat=3)]
+    expected = sum(best_play(*hand, up)[0] for hand, up in deals) / len(deals)
+    win = sum(best_play(*hand, up)[1] for hand, up in deals) / len(deals)
+    return policy, expected, win
+
+
+def blackjack_expert(info):
+    total, usable = hand_total(info["Player"])
+    if total > 21:
+        return None  # the game is over
+    return blackjack_optimum()[0][(total, usable, info["Dealer"][0])]  # only the face-up card
+
+
+# ---------------------------------------------------------------------------------------------------
+# The task table: what the training loop needs from each task
+
+
+@dataclass(frozen=True)
+class Task:
+    env_id: str
+    env_class: type
+    goal: str  # the task description in the prompt
+    read_spec: str  # the JSON fields read off the picture, as the prompt asks for them
+    read: Callable[[dict], dict]  # their true values for a state
+    thought: Callable[[dict], str]  # a short true thought about the state (never about the action)
+    labels: Callable[[dict], list]  # what the picture shows, as class indices
+    label_classes: tuple
+    expert: Callable[[dict], int | None]
+    context: Callable[[dict], str] = lambda info: ""  # state given as text in the prompt
+    # per-task training settings (rl4vlm.Settings fields the command line leaves unset)
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def actions(self):
+        return self.env_class.actions
+
+    @property
+    def name(self):
+        return self.env_id.split("/")[1].split("-")[0]
+
+    def prompt(self, info, cot):
+        legal = ", ".join(json.dumps(a) for a in self.actions)
+        fields = f'{self.read_spec}, "thoughts": "...", ' if cot else ""
+        return (f"You are playing {self.name}. {self.goal} {self.context(info)}Legal actions: {legal}. "
+                f'Answer in JSON: {{{fields}"action": "<legal action>"}}')
+
+    def answer(self, info, action, cot):
+        assert 0 <= action < len(self.actions), f"action {action} not in 0..{len(self.actions) - 1}"
+        fields = {**self.read(info), "thoughts": self.thought(info)} if cot else {}
+        return json.dumps({**fields, "action": self.actions[action]})
+
+
+def number_line_thought(info):
+    where = "above" if info["Target"] > info["Current"] else "below"
+    return f"target is {where} current" if info["Target"] != info["Current"] else "current is at target"
+
+
+def points_read(info):
+    return {"cards": info["Numbers"], "formula": " ".join(info["Formula"])}
+
+
+def points_thought(info):
+    unused = Counter(info["Numbers"]) - Counter(number_entries(info["Formula"]))
+    return "unused: " + (", ".join(str(n) for n in sorted(unused.elements())) or "none")
+
+
+def points_context(info):
+    return f'Formula: {json.dumps(" ".join(info["Formula"]))}. '
+
+
+def blackjack_read(info):
+    return {"dealer": info["Dealer"][0], "player": hand_total(info["Player"])[0]}
+
+
+def blackjack_thought(info):
+    total, usable = hand_total(info["Player"])
+    return f"{'soft' if usable else 'hard'} {total} against {info['Dealer'][0]}"
+
+
+POINTS_GOAL = "Append numbers and operators to make a formula equal to {} that uses {} once; J, Q, K count as 10{}."
+TASKS = {task.env_id: task for task in (
+    Task("gym_cards/NumberLine-v0", NumberLineEnv, "Move the current number to the target number.",
+         read_spec='"current": <number>, "target": <number>',
+         read=lambda info: {"current": info["Current"], "target": info["Target"]},
+         thought=number_line_thought,
+         labels=lambda info: [info["Current"], info["Target"]], label_classes=(6, 6),
+         expert=lambda info: None if info["Current"] == info["Target"] else int(info["Target"] > info["Current"]),
+         defaults=dict(num_steps=16, total_steps=8192, max_new_tokens=24, sft_steps=400)),
+    Task("gym_cards/EZPoints-v0", EZPointsEnv, POINTS_GOAL.format(12, "both card values", ""),
+         read_spec='"cards": [<value>, <value>], "formula": "<formula>"', read=points_read, thought=points_thought,
+         labels=lambda info: [n - 1 for n in info["Numbers"]], label_classes=(10, 10),
+         expert=functools.partial(points_expert, EZPointsEnv.actions, 12), context=points_context,
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600)),
+    Task("gym_cards/Points24-v0", Points24Env, POINTS_GOAL.format(24, "all four card values", ", an ace 1"),
+         read_spec='"cards": [<4 values>], "formula": "<formula>"', read=points_read, thought=points_thought,
+         labels=lambda info: [n - 1 for n in info["Numbers"]], label_classes=(10, 10, 10, 10),
+         expert=functools.partial(points_expert, Points24Env.actions, 24), context=points_context,
+         defaults=dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600)),
+    Task("gym_cards/Blackjack-v0", BlackjackEnv,
+         "Get closer to 21 than the dealer without going over; J, Q, K count as 10, an ace 1 or 11.",
+         read_spec='"dealer": <face-up card value>, "player": <your total>', read=blackjack_read,
+         thought=blackjack_thought,
+         labels=lambda info: [info["Dealer"][0] - 1, hand_total(info["Player"])[0], hand_total(info["Player"])[1]],
+         label_classes=(10, 32, 2), expert=blackjack_expert,
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=600)),
+)}
+
+for _task in TASKS.values():
+    if _task.env_id not in gym.registry:  # running this file as a script imports it a second time
+        gym.register(_task.env_id, entry_point=_task.env_class, max_episode_steps=300)
+
+
+def get_task(name):
+    """A task by its env id or short name, case-insensitive ("numberline", "gym_cards/Blackjack-v0")."""
+    for task in TASKS.values():
+        if name.lower() in (task.env_id.lower(), task.name.lower()):
+            return task
+    raise ValueError(f"unknown task {name!r}; choose one of {[t.name.lower() for t in TASKS.values()]}")
+
+
+def is_success(episode_return):
+    return episode_return > 0
+
+
+def expert_returns(task, episodes, seed):
+    """Episode returns when the expert plays, on the env's own rules but without drawing pictures."""
+    env = task.env_class()
+    env.reset(seed=seed)  # deals the first episode; the same deals as reset(seed=seed), reset(), reset(), ...
+    returns = []
+    for episode in range(episodes):
+        if episode > 0:
+            env.deal()
+        episode_return, done = 0.0, False
+        while not done and (action := task.expert(env.info())) is not None:
+            reward, terminated, truncated = env.play(action)
+            episode_return, done = episode_return + reward, terminated or truncated
+        returns.append(episode_return)
+    return returns
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="folder for sample pictures (300 px, and shrunk to 64 and 96 px)")
+    parser.add_argument("--expert", action="store_true", help="print the experts' success rates")
+    parser.add_argument("--episodes", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        for task in TASKS.values():
+            env = gym.make(task.env_id)
+            obs, info = env.reset(seed=args.seed)
+            for _ in range(2):  # a couple of expert moves, so the Points pictures show a formula
+                action = task.expert(info)
+                if action is None or task.actions[action] in ("=", "stand"):
+                    break
+                obs, _, _, _, info = env.step(action)
+            picture = Image.fromarray(obs)
+            for size in (SIZE, 96, 64):
+                suffix = "" if size == SIZE else f"_{size}"
+                picture.resize((size, size), Image.BICUBIC).save(os.path.join(args.out, f"{task.name}{suffix}.png"))
+            print(f"{task.name}: {info}")
+    if args.expert:
+        for task in TASKS.values():
+            returns = expert_returns(task, args.episodes, args.seed)
+            rate = np.mean([is_success(r) for r in returns])
+            print(f"{task.name}: expert success {rate:.4f} over {args.episodes} episodes (seed {args.seed})")
+        env, played = Points24Env(), []
+        env.reset(seed=args.seed)  # the deals the expert played
+        for episode in range(args.episodes):
+            if episode > 0:
+                env.deal()
+            played.append(points24_solvable(env.numbers))
+        deals = list(product(range(1, 14), repeat=4))
+        share = np.mean([points24_solvable([card_value(r) for r in deal]) for deal in deals])
+        print(f"Points24: solvable share {np.mean(played):.4f} of the deals played, {share:.4f} of all {len(deals)} deals")
+        _, expected, win = blackjack_optimum()
+        print(f"Blackjack: best fixed policy (DP) wins {win:.4f}, expected return {expected:.4f}")

@@ -1,0 +1,283 @@
+"""PPO for a vision-language policy: GAE, the clipped loss, LoRA written by hand, the value head.
+
+The policy's log-prob of an answer is lambda * (thought tokens) + (action tokens),
+computed by the caller (rl4vlm.py); everything here sees only per-sample numbers.
+
+Departures from textbook PPO (Schulman et al. 2017) and from CleanRL's ppo.py:
+1. Truncation bootstraps. compute_gae takes next_values per step, where for a
+   truncated step V(s_{t+1}) is the value of the episode's final observation;
+   only termination cuts the bootstrap (CleanRL treats both as termination).
+2. No advantage normalisation inside ppo_loss: the caller normalises per
+   minibatch if it wants, so at ratio 1 the policy loss is exactly -mean(adv).
+3. The value loss is clipped with clip_coef (as CleanRL and the RL4VLM code do),
+   not with a separate value-clip range, and is weighted by vf_coef.
+4. approx_kl is the (ratio - 1) - log ratio estimator; explained_variance is of
+   the rollout's values (old_values) against the returns, as CleanRL logs it.
+5. LoRA adapters are kept in float32 whatever the base model's dtype (PEFT does
+   the same) so that small updates are not rounded away in bfloat16.
+6. The value head (H -> 1024 -> 512 -> 1, as in the RL4VLM code) runs in float32
+   rather than float16.
+"""
+import json
+import math
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# GAE and the PPO loss
+
+
+def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_lambda):
+    """Generalised advantage estimation on (num_steps, num_envs) tensors -> (advantages, returns).
+
+    values[t] = V(s_t); next_values[t] = V(s_{t+1}), where after a truncation s_{t+1} is the
+    episode's final observation (before the automatic reset). A terminated step does not
+    bootstrap, a truncated one does; both stop the recursion at the episode's end.
+    """
+    tensors = (rewards, values, next_values, terminated, truncated)
+    assert len({x.shape for x in tensors}) == 1, f"shapes differ: {[tuple(x.shape) for x in tensors]}"
+    assert values.dim() == 2, f"expected (num_steps, num_envs), got {tuple(values.shape)}"
+    nextnonterminal = 1.0 - terminated.to(values.dtype)  # (num_steps, num_envs)
+    nextnotdone = 1.0 - (terminated.bool() | truncated.bool()).to(values.dtype)
+    advantages = torch.zeros_like(values)
+    lastgaelam = torch.zeros_like(values[0])  # (num_envs,), nothing to add after the last step
+    for t in reversed(range(values.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * nextnonterminal[t] - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnotdone[t] * lastgaelam
+    returns = advantages + values
+    return advantages, returns
+
+
+def explained_variance(values, returns):
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant; nan if Var[R] = 0."""
+    values, returns = values.detach().double().flatten(), returns.detach().double().flatten()
+    var_returns = returns.var(correction=0)
+    return float("nan") if var_returns == 0 else 1.0 - ((returns - values).var(correction=0) / var_returns).item()
+
+
+def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns,
+             clip_coef=0.1, vf_coef=0.5, clip_vloss=True, entropy=None, ent_coef=0.0):
+    """The clipped PPO loss on one minibatch of (B,) tensors -> (loss, stats of floats)."""
+    tensors = (new_logprobs, old_logprobs, advantages, new_values, old_values, returns)
+    assert len({x.shape for x in tensors}) == 1, f"shapes differ: {[tuple(x.shape) for x in tensors]}"
+    logratio = new_logprobs - old_logprobs
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()  # pessimistic bound: clipping only ever removes gain
+
+    v_loss_unclipped = (new_values - returns) ** 2
+    if clip_vloss:
+        v_clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
+        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * v_loss_unclipped.mean()
+    loss = pg_loss + vf_coef * v_loss
+
+    with torch.no_grad():
+        stats = {
+            "policy_loss": pg_loss.item(),
+            "value_loss": v_loss.item(),
+            "approx_kl": ((ratio - 1) - logratio).mean().item(),  # http://joschu.net/blog/kl-approx.html
+            "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
+            "explained_variance": explained_variance(old_values, returns),
+        }
+    if entropy is not None:
+        loss = loss - ent_coef * entropy.mean()
+        stats["entropy"] = entropy.mean().item()
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / rank) * B A x, with B = 0 at the start
+
+
+class LoRALinear(nn.Module):
+    """Takes the place of an nn.Linear; keeps its weight and bias under the same names."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        assert isinstance(base, nn.Linear), f"LoRA wraps nn.Linear, got {type(base).__name__}"
+        assert rank > 0, f"rank must be positive, got {rank}"
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters, so state_dict keys do not change
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)  # weight (rank, in)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)  # weight (out, rank)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT does
+        nn.init.zeros_(self.lora_B.weight)  # so the wrapped model starts exactly as the base model
+        self.lora_dropout = nn.Dropout(dropout)
+        self.enabled = True
+        self.train(base.training)  # new modules start in training mode; follow the model's (dropout!)
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        result = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return result
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (update * self.scaling).to(result.dtype)
+
+
+def lora_modules(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_parameters(model):
+    return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def _replace(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def add_lora(model, rank, alpha, dropout, targets):
+    """Wrap the nn.Linear layers (exactly that type) whose full name matches `targets`; freeze the rest.
+
+    targets is a regex searched in each name (e.g. r"language_model.*_proj$"), or a list of
+    final names like PEFT's target_modules (["q_proj", "v_proj"]). Returns the wrapped names.
+    Call it before adding other trainable modules to the model: it freezes every base parameter.
+    """
+    assert not lora_modules(model), "the model already has LoRA layers"
+    if not isinstance(targets, str):
+        targets = r"(^|\.)(" + "|".join(map(re.escape, targets)) + r")$"
+    names = [n for n, m in model.named_modules() if n and type(m) is nn.Linear and re.search(targets, n)]
+    assert names, f"no nn.Linear module name matches {targets!r}"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
+    return names
+
+
+def set_lora_enabled(model, enabled: bool):
+    for _, m in lora_modules(model):
+        m.enabled = enabled
+
+
+@contextmanager
+def lora_disabled(model):
+    """The base model, e.g. as a reference policy, without keeping a second copy of its weights."""
+    modules = [m for _, m in lora_modules(model)]
+    before = [m.enabled for m in modules]
+    set_lora_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(modules, before):
+            m.enabled = enabled
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold scaling * B @ A into each base weight and put plain nn.Linear layers back, for inference."""
+    for name, m in lora_modules(model):
+        m.weight += (m.lora_B.weight @ m.lora_A.weight * m.scaling).to(m.weight.dtype)  # (out, in)
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight, linear.bias = m.weight, m.bias
+        _replace(model, name, linear)
+
+
+# -----------------------------------------------------------------------------
+# Adapters on disk in PEFT's format, so `PeftModel.from_pretrained(base, folder)` loads them
+
+CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+
+
+def _write_atomically(path, write):
+    """write(tmp_path), then rename: a crash never leaves half a file under `path`."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_adapter(model, folder, base_model_name_or_path=None):
+    """Write folder/adapter_config.json and folder/adapter_model.safetensors as PEFT does."""
+    modules = lora_modules(model)
+    assert modules, "the model has no LoRA layers; call add_lora first"
+    _, first = modules[0]
+    settings = {(m.rank, m.alpha, m.lora_dropout.p) for _, m in modules}
+    assert len(settings) == 1, f"one rank/alpha/dropout for all layers expected, got {settings}"
+    names = [n for n, _ in modules]
+    # PEFT matches a list of final names against every module; fall back to an exact regex if that would over-match
+    suffixes = sorted({n.rpartition(".")[2] for n in names})
+    would_match = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in suffixes]
+    exact = "|".join(map(re.escape, names))
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.lora_dropout.p,
+        "target_modules": suffixes if sorted(would_match) == sorted(names) else exact,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+    # PEFT leaves the adapter name ("default") out of the keys in the file
+    tensors = {f"{PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
+               for n, m in modules for ab in ("lora_A", "lora_B")}
+    os.makedirs(folder, exist_ok=True)
+    write_weights = lambda path: save_file(tensors, path, metadata={"format": "pt"})
+    write_config = lambda path: Path(path).write_text(json.dumps(config, indent=2))
+    _write_atomically(os.path.join(folder, WEIGHTS_NAME), write_weights)
+    _write_atomically(os.path.join(folder, CONFIG_NAME), write_config)
+
+
+@torch.no_grad()
+def load_adapter(model, folder):
+    """Load a PEFT LoRA adapter; if the model has no LoRA layers yet, add them as the config says."""
+    with open(os.path.join(folder, CONFIG_NAME)) as f:
+        config = json.load(f)
+    assert config.get("peft_type") == "LORA", f"not a LoRA adapter: peft_type={config.get('peft_type')!r}"
+    options = ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+    unsupported = {k: config[k] for k in options if config.get(k)}
+    assert not unsupported and config.get("bias", "none") == "none", f"unsupported PEFT options: {unsupported}"
+    tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
+    bad = [k for k in tensors if not (k.startswith(PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight")))]
+    assert not bad, f"keys that are not PEFT LoRA weights: {bad[:5]}"
+    if not lora_modules(model):
+        names = sorted({k[len(PREFIX):].rsplit(".", 2)[0] for k in tensors})
+        targets = "^(" + "|".join(map(re.escape, names)) + ")$"
+        add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets)
+    modules = lora_modules(model)
+    expected = {f"{PREFIX}{n}.{ab}.weight" for n, _ in modules for ab in ("lora_A", "lora_B")}
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    assert not missing and not unexpected, \
+        f"adapter does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+    for name, m in modules:
+        assert m.scaling == config["lora_alpha"] / config["r"], f"{name}: scaling differs from the file's"
+        for ab in ("lora_A", "lora_B"):
+            weight, saved = getattr(m, ab).weight, tensors[f"{PREFIX}{name}.{ab}.weight"]
+            assert weight.shape == saved.shape, f"{name}.{ab}: {weight.shape} vs {saved.shape}"
+            weight.copy_(saved)
+
+
+# -----------------------------------------------------------------------------
+# The critic
+
+
+class ValueHead(nn.Module):
+    """V(s) from a hidden state, e.g. the last layer's at the prompt's final token."""
+
+    def __init__(self, hidden_size, width=1024):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, width), nn.ReLU(),
+            nn.Linear(width, width // 2), nn.ReLU(),
+            nn.Linear(width // 2, 1),
+        ).to(torch.float32)
+
+    def forward(self, hidden):  # (..., H) in any dtype -> (...) float32
+        return self.mlp(hidden.float()).squeeze(-1)

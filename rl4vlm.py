@@ -1,0 +1,820 @@
+"""RL4VLM: fine-tune a vision-language model as a decision-making agent with PPO.
+
+Zhai et al., "Fine-Tuning Large Vision-Language Models as Decision-Making Agents via
+Reinforcement Learning", NeurIPS 2024, arXiv 2405.10292.
+
+Each env step the VLM sees the task's picture and a prompt, writes a JSON chain of thought
+that ends in "action", parse.py maps the text to a legal action and the env returns a reward.
+PPO with a value head on the last prompt token's hidden state and GAE over env steps
+fine-tunes the VLM through LoRA, with
+    log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens).
+The paper first warm-starts the model with supervised answers (SFT), then runs RL.
+
+This file holds the settings, model loading (and the built-in tiny VLM), generation,
+log-probs, the warm start, rollouts, the PPO update, evaluation, checkpoints and the command
+line, in that order. envs.py holds the tasks, parse.py text -> action, ppo.py the maths.
+
+Where this departs from the paper or from textbook PPO:
+1. The default policy is a tiny LLaVA built here from a config (nothing can be downloaded).
+   It starts from random weights, so its warm start adds an auxiliary perception loss: a
+   linear head on the projected image features predicts what the picture shows. Only the
+   built-in model gets it (--aux-loss), and the README says so.
+2. The warm-start answers read the picture correctly but take a uniformly random legal action
+   (--sft-actions expert uses the expert's): the warm start teaches reading and the answer
+   format, and leaves the decision to RL.
+3. The tiny model uses its own hyper-parameters where the 7B ones do not fit it (learning
+   rate, LoRA rank, sampling temperature, steps); the README lists them with the reasons.
+4. A sample whose text has no "action" key counts all its tokens as thought tokens: the
+   random action played instead is not the model's choice. Tokens after the start of the
+   action value (closing quote, brace, end of turn) count as action tokens.
+5. Old log-probs and values come from the sampling pass itself (generate's raw logits and its
+   prompt pass), not from a second forward. Special tokens suppressed while sampling are
+   masked in the loss too, so sampling and training use one distribution.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import envs
+import parse
+import ppo
+
+BUILTIN = "builtin"
+
+
+# ----------------------------------------------------------------------------------------
+# Settings: one dataclass, turned into argparse flags. None means "the task's default"
+# (envs.Task.defaults), so per-task settings live in the task table, not in branches.
+
+def _opt(default, help, type=None):
+    return field(default=default, metadata={"help": help, "type": type})
+
+
+@dataclass
+class Settings:
+    env: str = _opt("gym_cards/NumberLine-v0", "task id or short name: numberline, ezpoints, points24, blackjack")
+    model: str = _opt(BUILTIN, "'builtin' (a tiny LLaVA built on first use) or a Hugging Face VLM id or folder")
+    seed: int = _opt(1, "seed of everything: model init, envs, sampling, minibatches")
+    out_dir: str = _opt("runs", "runs are written to OUT_DIR/RUN_NAME")
+    run_name: str = _opt("", "default: <task>-seed<seed>-<unix time>")
+    resume: str = _opt("", "continue the run in this folder from its last checkpoint (its settings are used)")
+    cache_dir: str = _opt(".cache", "the built-in model and warm-started models are cached here")
+    device: str = _opt("cpu", "torch device")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+    # the method
+    cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
+    thought_coef: float = _opt(0.5, "lambda: weight of the thought tokens' log-prob in log pi(a|s)")
+    temperature: float = _opt(1.0, "sampling temperature, also applied in the loss (paper: 0.2)")
+    max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int)
+    format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action")
+    # rollouts
+    num_envs: int = _opt(32, "environments stepped in parallel, one prompt each")
+    num_steps: int = _opt(None, "steps per env per update (default: the task's)", int)
+    total_steps: int = _opt(None, "env steps of RL in all (default: the task's)", int)
+    # PPO
+    gamma: float = _opt(0.9, "discount")
+    gae_lambda: float = _opt(0.95, "GAE lambda")
+    clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss")
+    update_epochs: int = _opt(4, "PPO epochs per update")
+    minibatch_size: int = _opt(128, "samples per optimizer step")
+    micro_batch: int = _opt(32, "samples per forward pass (gradients are accumulated)")
+    vf_coef: float = _opt(0.5, "value-loss coefficient")
+    max_grad_norm: float = _opt(1.0, "gradient clipping (paper: 0.01 for the 7B model)")
+    lr: float = _opt(1e-3, "learning rate of LoRA and value head, cosine-annealed (paper: 1e-5)")
+    lr_min: float = _opt(1e-9, "final learning rate of the cosine schedule")
+    lora_rank: int = _opt(8, "LoRA rank (paper: 128)")
+    lora_alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha / rank (paper: 256)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout (paper: 0.05)")
+    lora_targets: str = _opt(r"language_model\.", "regex of the linear layers LoRA wraps")
+    # warm start (the paper's SFT step)
+    sft_steps: int = _opt(None, "warm-start steps (default: the task's; 0 skips it)", int)
+    sft_batch: int = _opt(32, "warm-start batch size")
+    sft_lr: float = _opt(1e-3, "warm-start learning rate")
+    sft_actions: str = _opt("random", "actions in the warm-start answers: random or expert")
+    aux_loss: str = _opt("auto", "auxiliary perception loss in the warm start: auto (built-in model only), on, off")
+    # evaluation and checkpoints
+    eval_episodes: int = _opt(500, "held-out episodes per evaluation")
+    checkpoint_every: int = _opt(1, "updates between checkpoints")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        sys.exit(f"rl4vlm.py: error: {message}")
+
+
+def parse_settings(argv=None) -> Settings:
+    parser = _Parser(description="RL4VLM: PPO fine-tuning of a vision-language model on gym-cards.")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default, help=f.metadata["help"])
+    s = Settings(**vars(parser.parse_args(argv)))
+    try:
+        check_settings(s)
+    except ValueError as e:
+        parser.error(str(e))
+    return s
+
+
+def check_settings(s: Settings) -> None:
+    """Reject bad values before any work. Raises ValueError with a one-line reason."""
+    envs.get_task(s.env)  # ValueError lists the tasks
+    positive = ["num_envs", "num_steps", "total_steps", "update_epochs", "minibatch_size", "micro_batch",
+                "max_new_tokens", "lora_rank", "sft_batch", "eval_episodes", "checkpoint_every", "temperature",
+                "lr", "sft_lr", "clip_coef", "max_grad_norm", "lora_alpha"]
+    for name in positive:
+        value = getattr(s, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    for name in ["gamma", "gae_lambda", "lora_dropout"]:
+        if not 0 <= getattr(s, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(s, name)}")
+    for name in ["thought_coef", "vf_coef", "format_penalty", "threads", "lr_min"]:
+        if getattr(s, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if s.sft_steps is not None and s.sft_steps < 0:
+        raise ValueError(f"--sft-steps must be >= 0, got {s.sft_steps}")
+    if s.sft_actions not in ("random", "expert"):
+        raise ValueError(f"--sft-actions must be random or expert, got {s.sft_actions!r}")
+    if s.aux_loss not in ("auto", "on", "off"):
+        raise ValueError(f"--aux-loss must be auto, on or off, got {s.aux_loss!r}")
+    if s.resume and not (Path(s.resume) / "settings.json").is_file():
+        raise ValueError(f"--resume {s.resume}: no settings.json there, not a run folder")
+    if s.model != BUILTIN and Path(s.model).exists() and not (Path(s.model) / "config.json").is_file():
+        raise ValueError(f"--model {s.model}: folder has no config.json, not a Hugging Face model")
+
+
+def with_task_defaults(s: Settings, task) -> Settings:
+    """Fill the settings left at None from the task's table entry."""
+    filled = {k: v for k, v in task.defaults.items() if getattr(s, k) is None}
+    return Settings(**{**asdict(s), **filled})
+
+
+# ----------------------------------------------------------------------------------------
+# Model. The built-in tiny VLM is saved once and then loaded exactly as a hub checkpoint is.
+
+def task_corpus(seed: int, episodes: int = 100) -> list[str]:
+    """Prompts and answers of every task, with and without chain of thought, from random play."""
+    rng = np.random.default_rng(seed)
+    texts = []
+    for task in envs.TASKS.values():
+        env = gym.make(task.env_id)
+        for episode in range(episodes):
+            _, info = env.reset(seed=seed + episode)
+            done = False
+            while not done:
+                action = int(rng.integers(len(task.actions)))
+                for cot in (True, False):
+                    texts += [task.prompt(info, cot), task.answer(info, action, cot)]
+                _, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+    return texts
+
+
+def build_builtin(folder: Path, seed: int) -> None:
+    """A tiny LLaVA (CLIP vision tower + Llama text model) with a byte-level BPE tokenizer
+    trained on the tasks' own text, written to `folder` with save_pretrained."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    specials = ["<|pad|>", "<|end|>", "<image>", "<|user|>", "<|assistant|>"]
+    # Numbers and action strings are kept apart; the text between them may merge into long
+    # tokens (the prompts repeat), which keeps sequences short on a CPU.
+    words = sorted({a for task in envs.TASKS.values() for a in task.actions if not a.isdigit()}, key=len, reverse=True)
+    apart = Regex("|".join([r"\d+"] + [re.escape(w) for w in words]))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(apart, "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(task_corpus(seed), trainers.BpeTrainer(
+        vocab_size=2048, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # user turn: <|user|><image>prompt; assistant turn: <|assistant|>answer<|end|>
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}"
+                "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}{{ '<image>' }}{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}{% endif %}{% if m['role'] == 'assistant' %}{{ '<|end|>' }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|end|>", padding_side="left",
+        extra_special_tokens={"image_token": "<image>", "user_token": "<|user|>", "assistant_token": "<|assistant|>"})
+    # 64 px pictures in 16 px patches: 16 image tokens; measured to read NumberLine in minutes
+    image_px, patch = 64, 16
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_px, patch_size=patch)
+    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", image_seq_length=(image_px // patch) ** 2,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_px}, crop_size={"height": image_px, "width": image_px})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=template)
+    save_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
+
+
+def save_atomically(folder: Path, write) -> None:
+    """write(tmp_folder), then rename it to `folder`: a reader never sees half a folder."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def load_policy(path: str, device: str):
+    """Model and processor through the Auto classes, with a clear error for anything that is
+    not an image-text-to-text model with a chat template."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"rl4vlm.py: error: cannot load model {path!r}: {str(e).splitlines()[0]}") from e
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise SystemExit(f"rl4vlm.py: error: {path!r} is a {config.model_type!r} model, not an image-text-to-text VLM")
+    processor = AutoProcessor.from_pretrained(path)
+    if not getattr(processor, "chat_template", None):
+        raise SystemExit(f"rl4vlm.py: error: {path!r} has no chat template")
+    model = AutoModelForImageTextToText.from_pretrained(path).to(device)
+    # Sampling must draw from exactly the distribution the loss uses: drop the checkpoint's
+    # generation defaults (top_k, top_p, repetition penalty...), keep only its stop tokens.
+    eos = model.generation_config.eos_token_id or processor.tokenizer.eos_token_id
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
+    return model, processor
+
+
+def suppressed_ids(processor) -> list[int]:
+    """Special tokens the policy may not sample: all of them but the end-of-turn ones.
+    A sampled image token, say, would break the next training forward."""
+    tokenizer = processor.tokenizer
+    stop = {tokenizer.eos_token_id, *np.atleast_1d(tokenizer.convert_tokens_to_ids(tokenizer.eos_token))}
+    return sorted(set(tokenizer.all_special_ids) - stop)
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts, generation and log-probs.
+
+def encode_prompts(processor, images, prompts: list[str], device) -> dict:
+    """Chat-formatted, left-padded prompt batch with the processor's image inputs."""
+    chats = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        add_generation_prompt=True, tokenize=False) for p in prompts]
+    pics = [Image.fromarray(image) for image in images]
+    enc = processor(images=pics, text=chats, return_tensors="pt", padding=True, padding_side="left")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def token_logprobs(logits, tokens, temperature: float, suppress: list[int]):
+    """The one log-prob function: log p(token) under the sampling distribution.
+    logits (B, T, V) at the positions that predict tokens (B, T) -> (B, T) float32."""
+    logits = logits.float() / temperature
+    if suppress:
+        logits[..., suppress] = -math.inf
+    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def forward(model, value_head, prompt: dict, gen_ids, gen_mask, temperature, suppress):
+    """One pass over prompt + generated tokens.
+    prompt: left-padded processor output (input_ids (B, P), ...); gen_ids, gen_mask (B, G).
+    Returns log p of each generated token (B, G) (0 at padding), the value of the prompt (B,)
+    and the model output (for the warm start's image features)."""
+    P = prompt["input_ids"].shape[1]
+    ids = torch.cat([prompt["input_ids"], gen_ids], 1)                       # (B, P+G)
+    mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
+    extra = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, **extra)
+    logprobs = token_logprobs(out.logits[:, P - 1:-1], gen_ids, temperature, suppress).where(gen_mask, 0.0)
+    values = value_head(out.hidden_states[-1][:, P - 1]) if value_head is not None else None
+    return logprobs, values, out
+
+
+def token_weights(tokenizer, gen_ids: list[int], span, thought_coef: float) -> list[float]:
+    """Weight of each generated token in log pi(a|s): thought_coef before the action value,
+    1 from the token holding its first character on. The split comes from character offsets
+    of the decoded text (the same text parse.py read), never from token ids.
+    span: parse.py's (start, end) of the action value, or None (then all tokens are thought)."""
+    if span is None:
+        return [thought_coef] * len(gen_ids)
+    ends = [len(tokenizer.decode(gen_ids[:i + 1], skip_special_tokens=True)) for i in range(len(gen_ids))]
+    return [thought_coef if end <= span[0] else 1.0 for end in ends]
+
+
+@torch.no_grad()
+def act(model, value_head, processor, task, images, infos, s: Settings, suppress, rng):
+    """Sample one answer per env and turn it into an action.
+    Returns a list of per-sample dicts (what the PPO update needs) and the actions."""
+    prompt = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
+    out = model.generate(**prompt, do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0,
+                         max_new_tokens=s.max_new_tokens, suppress_tokens=suppress or None,
+                         output_logits=True, output_hidden_states=True, return_dict_in_generate=True)
+    P = prompt["input_ids"].shape[1]
+    gen_ids = out.sequences[:, P:]                                           # (B, G)
+    # tokens up to and including the first end-of-turn token are the answer; the rest is padding
+    is_end = torch.isin(gen_ids, torch.tensor(np.atleast_1d(model.generation_config.eos_token_id), device=gen_ids.device))
+    gen_mask = (is_end.long().cumsum(1) - is_end.long()) == 0
+    logprobs = token_logprobs(torch.stack(out.logits, 1), gen_ids, s.temperature, suppress).where(gen_mask, 0.0)
+    values = value_head(out.hidden_states[0][-1][:, -1])                     # last prompt token, last layer
+    samples, actions = [], []
+    for i in range(len(infos)):
+        ids = gen_ids[i][gen_mask[i]].tolist()
+        text = processor.tokenizer.decode(ids, skip_special_tokens=True)
+        action, span = parse.parse_action(text, task.actions)
+        weights = torch.tensor(token_weights(processor.tokenizer, ids, span, s.thought_coef))
+        samples.append(dict(prompt=unpad(prompt, i), gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
+                            logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
+                            text=text, format_ok=action is not None))
+        if action is None:  # the paper plays a random legal action; counted as a format failure
+            action = int(rng.integers(len(task.actions)))
+        actions.append(action)
+    return samples, actions
+
+
+def unpad(prompt: dict, i: int) -> dict:
+    """Row i of a left-padded prompt batch, without its padding (batch dimension kept)."""
+    n = int(prompt["attention_mask"][i].sum())
+    return {k: v[i:i + 1, -n:] if k in ("input_ids", "attention_mask") else v[i:i + 1] for k, v in prompt.items()}
+
+
+def collate(samples: list[dict], pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples of different lengths -> left-padded prompts, right-padded answers.
+    Returns prompt dict, gen_ids (B, G), gen_mask (B, G), weights (B, G)."""
+    P = max(x["prompt"]["input_ids"].shape[1] for x in samples)
+    G = max(len(x["gen_ids"]) for x in samples)
+    prompt = {}
+    for key in samples[0]["prompt"]:
+        rows = [x["prompt"][key] for x in samples]
+        if key in ("input_ids", "attention_mask"):
+            fill = pad_id if key == "input_ids" else 0
+            rows = [F.pad(r, (P - r.shape[1], 0), value=fill) for r in rows]
+        prompt[key] = torch.cat(rows, 0)
+    gen_ids = torch.stack([F.pad(x["gen_ids"], (0, G - len(x["gen_ids"])), value=pad_id) for x in samples])
+    gen_mask = torch.stack([torch.arange(G) < len(x["gen_ids"]) for x in samples])
+    weights = torch.stack([F.pad(x["weights"], (0, G - len(x["weights"]))) for x in samples])
+    return prompt, gen_ids, gen_mask, weights
+
+
+# ----------------------------------------------------------------------------------------
+# Environments: num_envs copies of one task; every episode gets the next seed of a counter,
+# so a run's episodes do not depend on how they were batched.
+
+class EnvPool:
+    def __init__(self, env_id: str, num_envs: int, first_seed: int):
+        self.envs = [gym.make(env_id) for _ in range(num_envs)]
+        self.next_seed = first_seed
+        self.obs, self.infos = [None] * num_envs, [None] * num_envs
+        self.returns = np.zeros(num_envs)
+        for i in range(num_envs):
+            self.reset(i)
+
+    def reset(self, i: int) -> None:
+        self.obs[i], self.infos[i] = self.envs[i].reset(seed=self.next_seed)
+        self.next_seed += 1
+        self.returns[i] = 0.0
+
+    def step(self, i: int, action: int):
+        """Step env i; on episode end, reset it. Returns reward, terminated, truncated and the
+        episode's (final obs, final info, return) when it ended, else None."""
+        obs, reward, terminated, truncated, info = self.envs[i].step(action)
+        self.returns[i] += reward
+        ended = None
+        if terminated or truncated:
+            ended = (obs, info, self.returns[i])
+            self.reset(i)
+        else:
+            self.obs[i], self.infos[i] = obs, info
+        return reward, terminated, truncated, ended
+
+
+# ----------------------------------------------------------------------------------------
+# Warm start (the paper's SFT step).
+
+def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict:
+    """Supervised answers written by envs.py for states from random play.
+    With `aux`, linear heads predict the state labels (what the picture shows) from
+    (1) the flattened projected image features: a from-scratch VLM does not learn to read its
+        picture from language loss alone (measured), and
+    (2) the last prompt token's hidden state, the value head's input: the answer's first token
+        is the same for every state, so nothing else makes that position carry the state.
+    The heads are dropped after the warm start."""
+    pool = EnvPool(task.env_id, s.sft_batch, first_seed=s.seed * 1_000_003 + 7)
+    tokenizer = processor.tokenizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    heads = {}
+    if aux:
+        probe = forward(model, None, encode_prompts(processor, pool.obs[:1], [task.prompt(pool.infos[0], s.cot)], s.device),
+                        torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool), 1.0, [])[2]
+        heads = {"image": probe.image_hidden_states.numel(), "prompt": probe.hidden_states[-1].shape[-1]}
+        heads = {k: torch.nn.Linear(n, sum(task.label_classes)).to(s.device) for k, n in heads.items()}
+        params += [p for head in heads.values() for p in head.parameters()]
+    opt = torch.optim.AdamW(params, lr=s.sft_lr)
+    model.train()
+    t0, stats = time.time(), {}
+    for step in range(1, s.sft_steps + 1):
+        images, infos = list(pool.obs), list(pool.infos)
+        actions = [task.expert(info) if s.sft_actions == "expert" else None for info in infos]
+        actions = [int(rng.integers(len(task.actions))) if a is None else a for a in actions]
+        prompt = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
+        answers = [tokenizer(answer_text(processor, task.prompt(i, s.cot), task.answer(i, a, s.cot)),
+                             add_special_tokens=False)["input_ids"] for i, a in zip(infos, actions)]
+        G = max(map(len, answers))
+        gen_ids = torch.tensor([a + [tokenizer.pad_token_id] * (G - len(a)) for a in answers], device=s.device)
+        gen_mask = torch.tensor([[j < len(a) for j in range(G)] for a in answers], device=s.device)
+        logprobs, _, out = forward(model, None, prompt, gen_ids, gen_mask, 1.0, [])
+        loss = lm_loss = -logprobs.sum() / gen_mask.sum()
+        if heads:
+            P = prompt["input_ids"].shape[1]
+            features = {"image": out.image_hidden_states.reshape(len(infos), -1),  # (B, tokens * hidden), raw
+                        "prompt": out.hidden_states[-1][:, P - 1]}                 # (B, hidden)
+            labels = torch.tensor([task.labels(info) for info in infos], device=s.device)  # (B, n_labels)
+            for name, head in heads.items():
+                logits = head(features[name]).split(list(task.label_classes), dim=1)
+                loss = loss + sum(F.cross_entropy(lg, labels[:, j]) for j, lg in enumerate(logits))
+                stats[f"{name}_acc"] = torch.stack([lg.argmax(1) == labels[:, j] for j, lg in enumerate(logits)]).float().mean().item()
+        assert torch.isfinite(loss), f"warm start: loss is {loss.item()} at step {step}"
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        stats.update(step=step, lm_loss=lm_loss.item(), loss=loss.item())
+        if step % 50 == 0 or step == s.sft_steps:
+            rate = step / (time.time() - t0)
+            log(f"warm start {step}/{s.sft_steps}  lm_loss {lm_loss.item():.3f}  "
+                + "".join(f"{k} {v:.2f}  " for k, v in stats.items() if k.endswith("_acc"))
+                + f"{rate:.1f} steps/s  eta {(s.sft_steps - step) / rate:.0f}s")
+        for i in range(len(infos)):  # next states: random play
+            pool.step(i, int(rng.integers(len(task.actions))))
+    model.eval()
+    return stats
+
+
+def answer_text(processor, prompt: str, answer: str) -> str:
+    """The assistant turn as the chat template writes it after the generation prompt
+    (answer plus end-of-turn token), i.e. exactly what the policy should generate."""
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    head = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                                         tokenize=False)
+    assert full.startswith(head), "chat template: the assistant turn does not extend the generation prompt"
+    end = processor.tokenizer.eos_token  # stop after the end-of-turn token, as generation does
+    cut = full.find(end, len(head) + len(answer))
+    return full[len(head):] if cut < 0 else full[len(head):cut + len(end)]
+
+
+def warm_started_policy(s: Settings, task, log):
+    """The policy before RL: the base model, warm-started on the task unless --sft-steps 0.
+    Both the built-in model and the warm-started one are cached and then loaded from disk,
+    through the same code path as any checkpoint. They draw from their own seeded streams,
+    so a cached and a fresh run continue identically."""
+    cache = Path(s.cache_dir)
+    base = s.model
+    if s.model == BUILTIN:
+        base = str(cache / f"builtin-seed{s.seed}")
+        if not (Path(base) / "config.json").exists():
+            log(f"building the built-in tiny VLM in {base}")
+            with torch.random.fork_rng(devices=[]):
+                build_builtin(Path(base), s.seed)
+    if s.sft_steps == 0:
+        return load_policy(base, s.device)
+    aux = s.aux_loss == "on" or (s.aux_loss == "auto" and s.model == BUILTIN)
+    key = dict(model=s.model, env=task.env_id, cot=s.cot, sft_steps=s.sft_steps, sft_batch=s.sft_batch,
+               sft_lr=s.sft_lr, sft_actions=s.sft_actions, aux=aux, seed=s.seed)
+    folder = cache / ("sft-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
+    if not (folder / "config.json").exists():
+        model, processor = load_policy(base, s.device)
+        log(f"warm start: {s.sft_steps} steps on {task.env_id}, {s.sft_actions} actions"
+            + (", auxiliary perception loss" if aux else ""))
+        t0 = time.time()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            stats = warm_start(model, processor, task, s, aux, np.random.default_rng(s.seed), log)
+        info = dict(key, **stats, seconds=round(time.time() - t0, 1))
+        save_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
+                                             (tmp / "warm_start.json").write_text(json.dumps(info, indent=1))))
+    log(f"warm-started model: {folder}")
+    return load_policy(str(folder), s.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Rollout, PPO update, evaluation.
+
+@torch.no_grad()
+def prompt_values(model, value_head, processor, task, images, infos, s: Settings):
+    """V(s) for a batch of states: a prompt-only forward (used for the bootstrap value after
+    the last step and for the final state of a truncated episode)."""
+    prompt = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
+    empty = torch.zeros(len(infos), 0, dtype=torch.long, device=s.device)
+    return forward(model, value_head, prompt, empty, empty.bool(), 1.0, [])[1]
+
+
+def rollout(model, value_head, processor, task, pool: EnvPool, s: Settings, suppress, rng):
+    """s.num_steps steps of every env. Returns the samples (flat, step-major) and the
+    (num_steps, num_envs) tensors GAE needs, plus rollout statistics."""
+    T, N = s.num_steps, s.num_envs
+    rewards, terminated, truncated, values, next_values = (torch.zeros(T, N) for _ in range(5))
+    samples, episode_returns, finals = [], [], []
+    for t in range(T):
+        step_samples, actions = act(model, value_head, processor, task, pool.obs, pool.infos, s, suppress, rng)
+        for i, (x, action) in enumerate(zip(step_samples, actions)):
+            reward, term, trunc, ended = pool.step(i, action)
+            rewards[t, i] = reward - (0.0 if x["format_ok"] else s.format_penalty)
+            terminated[t, i], truncated[t, i] = term, trunc and not term
+            values[t, i] = x["value"]
+            if ended:
+                episode_returns.append(ended[2])
+                if truncated[t, i]:
+                    finals.append((t, i, ended[0], ended[1]))
+        samples += step_samples
+    # V(s_{t+1}): the next step's value; after a truncation, the episode's final state's value
+    # (after a termination it is never used); after the last step, a bootstrap value.
+    next_values[:-1] = values[1:]
+    next_values[-1] = prompt_values(model, value_head, processor, task, pool.obs, pool.infos, s)
+    if finals:
+        v = prompt_values(model, value_head, processor, task, [f[2] for f in finals], [f[3] for f in finals], s)
+        for (t, i, _, _), value in zip(finals, v):
+            next_values[t, i] = value
+    stats = dict(episodes=len(episode_returns),
+                 success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
+                 mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
+                 format_fail=float(np.mean([not x["format_ok"] for x in samples])))
+    return samples, (rewards, values, next_values, terminated, truncated), stats
+
+
+def ppo_update(model, value_head, optimizer, params, samples, advantages, returns, s: Settings, suppress, pad_id, rng):
+    """update_epochs passes over the batch in shuffled minibatches (micro-batches accumulate)."""
+    b_logprobs = torch.tensor([x["logprob"] for x in samples])
+    b_values = torch.tensor([x["value"] for x in samples])
+    b_advantages, b_returns = advantages.flatten(), returns.flatten()  # step-major, like `samples`
+    model.train()
+    totals, count = {}, 0
+    for epoch in range(s.update_epochs):
+        order = rng.permutation(len(samples))
+        for start in range(0, len(samples), s.minibatch_size):
+            mb = order[start:start + s.minibatch_size]
+            mb_advantages = b_advantages[mb]
+            if len(mb) > 1:
+                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+            optimizer.zero_grad()
+            for j in range(0, len(mb), s.micro_batch):
+                micro = mb[j:j + s.micro_batch]
+                prompt, gen_ids, gen_mask, weights = collate([samples[k] for k in micro], pad_id)
+                logprobs, new_values, _ = forward(model, value_head, prompt, gen_ids.to(s.device), gen_mask.to(s.device),
+                                                  s.temperature, suppress)
+                new_logprobs = (logprobs * weights.to(s.device)).sum(1)     # log pi(a|s), (micro,)
+                loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[j:j + s.micro_batch],
+                                           new_values, b_values[micro], b_returns[micro], clip_coef=s.clip_coef,
+                                           vf_coef=s.vf_coef)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"PPO loss is {loss.item()} (epoch {epoch}, stats {stats}); "
+                                             "the last checkpoint is untouched")
+                (loss * len(micro) / len(mb)).backward()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v * len(micro)
+                count += len(micro)
+            totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)) * len(mb)
+            optimizer.step()
+    model.eval()
+    out = {k: v / count for k, v in totals.items()}
+    out["explained_variance"] = ppo.explained_variance(b_values, b_returns)
+    return out
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate."""
+    p, d = successes / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return centre - half, centre + half
+
+
+@torch.no_grad()
+def evaluate(model, value_head, processor, task, s: Settings, suppress, log, label: str) -> dict:
+    """s.eval_episodes episodes with held-out seeds (disjoint from training's), sampled as in
+    training. Runs in its own RNG streams, so it does not move the training ones."""
+    n, first_seed = s.eval_episodes, 10**9 + s.seed * 10**6
+    pool = EnvPool(task.env_id, min(s.num_envs, n), first_seed)
+    active, started = [True] * len(pool.envs), len(pool.envs)
+    returns, format_ok, t0 = [], [], time.time()
+    last_log = t0
+    rng = np.random.default_rng(first_seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(first_seed)
+        while any(active):
+            idx = [i for i in range(len(active)) if active[i]]
+            samples, actions = act(model, value_head, processor, task, [pool.obs[i] for i in idx],
+                                   [pool.infos[i] for i in idx], s, suppress, rng)
+            for i, x, action in zip(idx, samples, actions):
+                format_ok.append(x["format_ok"])
+                ended = pool.step(i, action)[3]
+                if ended:
+                    returns.append(ended[2])
+                    if started >= n:
+                        active[i] = False
+                    started += 1
+            if time.time() - last_log > 10 or not any(active):
+                last_log = time.time()
+                log(f"evaluating {label}: {len(returns)}/{n} episodes, {time.time() - t0:.0f}s")
+    wins = sum(envs.is_success(r) for r in returns)
+    low, high = wilson(wins, n)
+    return dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
+                format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints, logging, plots.
+
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, update: int, model, value_head, optimizer, scheduler, pool, rng) -> None:
+    """Adapter (PEFT format), value head, optimizer, scheduler, envs and RNG states; written to
+    a temporary folder, renamed, then `latest` is switched to it."""
+    folder = run_dir / f"checkpoint-{update:05d}"
+
+    def write(tmp: Path):
+        ppo.save_adapter(model, tmp)
+        torch.save(dict(update=update, value_head=value_head.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state()), tmp / "state.pt")
+        (tmp / "envs.pkl").write_bytes(pickle.dumps((pool, rng)))
+    save_atomically(folder, write)
+    write_text_atomically(run_dir / "latest", folder.name)
+    for old in run_dir.glob("checkpoint-*"):
+        if old.name != folder.name:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(run_dir: Path, model, value_head, optimizer, scheduler):
+    folder = run_dir / (run_dir / "latest").read_text().strip()
+    ppo.load_adapter(model, folder)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    value_head.load_state_dict(state["value_head"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    pool, rng = pickle.loads((folder / "envs.pkl").read_bytes())
+    return state["update"], pool, rng
+
+
+def plot_curves(path: Path, curves: dict, title: str) -> None:
+    """Success rate against env steps, one line per curve: {name: (xs, ys)}. Pillow only."""
+    W, H, m = 640, 400, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xmax = max([max(xs) for xs, _ in curves.values() if xs] or [1])
+    d.line([(m, m), (m, H - m), (W - m, H - m)], fill="black")
+    for y in (0.0, 0.5, 1.0):
+        d.text((8, H - m - y * (H - 2 * m) - 6), f"{y:.1f}", fill="black")
+    d.text((W - m - 40, H - m + 8), f"{xmax:,}", fill="black")
+    d.text((W // 2 - 60, H - m + 24), "env steps", fill="black")
+    d.text((m, 15), title + " (success rate)", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for k, (name, (xs, ys)) in enumerate(curves.items()):
+        points = [(m + x / xmax * (W - 2 * m), H - m - y * (H - 2 * m)) for x, y in zip(xs, ys) if not math.isnan(y)]
+        if len(points) > 1:
+            d.line(points, fill=colours[k % len(colours)], width=2)
+        d.text((W - m - 150, m + 14 * k), name, fill=colours[k % len(colours)])
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------
+# The run.
+
+def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
+    """Warm start, evaluate, RL, evaluate. Rank-aware: each rank would step its own envs
+    (seeds offset by rank) and only rank 0 logs and writes."""
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    resuming = (run_dir / "latest").exists()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
+    if s.threads:
+        torch.set_num_threads(s.threads)
+
+    # ---- seeding: the one place the run's random streams start. torch's generator draws the
+    # LoRA and value-head init and the sampled tokens, `rng` the fallback actions and minibatch
+    # order; every episode is seeded by EnvPool. The cached models and evaluation use forks.
+    torch.manual_seed(s.seed + rank)
+    rng = np.random.default_rng([s.seed, rank])
+
+    model, processor = warm_started_policy(s, task, log)
+    model.eval()
+    suppress, pad_id = suppressed_ids(processor), processor.tokenizer.pad_token_id
+    wrapped = ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets)
+    hidden = model.config.get_text_config().hidden_size
+    value_head = ppo.ValueHead(hidden).to(s.device)
+    params = ppo.lora_parameters(model) + list(value_head.parameters())
+    batch = s.num_envs * s.num_steps
+    num_updates = max(1, s.total_steps // batch)
+    optimizer = torch.optim.AdamW(params, lr=s.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_updates, eta_min=s.lr_min)
+    log(f"LoRA on {len(wrapped)} linear layers, {sum(p.numel() for p in params):,} trainable parameters; "
+        f"{num_updates} updates of {batch} env steps")
+
+    results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
+    results = json.loads(results_path.read_text()) if resuming else {}
+    pool, start = EnvPool(task.env_id, s.num_envs, first_seed=s.seed * 10**6 + rank * 10**5), 1
+    if resuming:
+        done, pool, rng = load_checkpoint(run_dir, model, value_head, optimizer, scheduler)
+        start = done + 1
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["update"] <= done]
+        write_text_atomically(metrics_path, "".join(l + "\n" for l in kept))
+        log(f"resuming {run_dir} after update {done}")
+    elif is_main:
+        metrics_path.write_text("")
+    if "warm_start" not in results:
+        results["warm_start"] = evaluate(model, value_head, processor, task, s, suppress, log, "warm start")
+        write_text_atomically(results_path, json.dumps(results, indent=1))
+
+    try:
+        for update in range(start, num_updates + 1):
+            t0 = time.time()
+            samples, (rewards, values, next_values, terminated, truncated), stats = rollout(
+                model, value_head, processor, task, pool, s, suppress, rng)
+            rollout_seconds = time.time() - t0
+            advantages, returns = ppo.compute_gae(rewards, values, next_values, terminated, truncated,
+                                                  s.gamma, s.gae_lambda)
+            stats.update(ppo_update(model, value_head, optimizer, params, samples, advantages, returns,
+                                    s, suppress, pad_id, rng))
+            scheduler.step()
+            seconds = time.time() - t0
+            metrics = dict(update=update, env_steps=update * batch, **stats, lr=scheduler.get_last_lr()[0],
+                           rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(batch / seconds, 1))
+            log(f"update {update}/{num_updates}  steps {update * batch}  success {stats['success']:.2f} "
+                f"(n={stats['episodes']})  return {stats['mean_return']:.2f}  format_fail {stats['format_fail']:.2f}  "
+                f"kl {stats['approx_kl']:.4f}  clipfrac {stats['clipfrac']:.3f}  ev {stats['explained_variance']:.2f}  "
+                f"{batch / seconds:.0f} steps/s")
+            if is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if update % s.checkpoint_every == 0 or update == num_updates:
+                    save_checkpoint(run_dir, update, model, value_head, optimizer, scheduler, pool, rng)
+    except KeyboardInterrupt:
+        last = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else "none"
+        log(f"\ninterrupted; last checkpoint: {last}. Continue with: python rl4vlm.py --resume {run_dir}")
+        raise SystemExit(130)
+
+    results["rl"] = evaluate(model, value_head, processor, task, s, suppress, log, "after RL")
+    if is_main:
+        write_text_atomically(results_path, json.dumps(results, indent=1))
+        history = [json.loads(l) for l in metrics_path.read_text().splitlines()]
+        plot_curves(run_dir / "curve.png", {task.env_id: ([h["env_steps"] for h in history],
+                                                          [h["success"] for h in history])}, task.env_id)
+        table = results_table(task, results)
+        (run_dir / "results.md").write_text(table + "\n")
+        log(table)
+    return results
+
+
+def results_table(task, results: dict) -> str:
+    rows = ["| policy | success % (95% CI) | mean return | format failures % | episodes |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
+                    f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {r['episodes']} |")
+    return f"{task.env_id}\n" + "\n".join(rows)
+
+
+def main(argv=None) -> dict:
+    s = parse_settings(argv)
+    run_dir = Path(s.resume) if s.resume else None
+    if run_dir:  # the run's own settings; the command line only names the run
+        s = Settings(**json.loads((run_dir / "settings.json").read_text()))
+    task = envs.get_task(s.env)
+    s = with_task_defaults(s, task)
+    run_dir = run_dir or Path(s.out_dir) / (s.run_name or f"{task.env_id.split('/')[-1]}-seed{s.seed}-{int(time.time())}")
+    if (run_dir / "latest").exists() and not s.resume:
+        sys.exit(f"rl4vlm.py: error: {run_dir} holds a run; continue it with --resume {run_dir} or pick another --run-name")
+    return run(s, task, run_dir, rank=int(os.environ.get("RANK", 0)))
+
+
+if __name__ == "__main__":
+    main()

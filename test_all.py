@@ -1,0 +1,1073 @@
+"""rl4vlm tests, on CPU with no network: the tasks' rules, the maths, the parser, the loop."""
+from collections import Counter
+from itertools import combinations_with_replacement
+from pathlib import Path
+import json
+import math
+import random
+import re
+import subprocess
+import sys
+import time
+import warnings
+
+from gymnasium.envs.toy_text.blackjack import BlackjackEnv as GymnasiumBlackjack
+from gymnasium.utils import seeding
+from gymnasium.utils.env_checker import check_env
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import envs
+import parse
+import ppo
+import rl4vlm
+
+
+# ======================================================================================
+# envs.py: every rule of the gym-cards rules file, the task table, the solvers and the experts
+# ======================================================================================
+
+IDS = ["gym_cards/NumberLine-v0", "gym_cards/EZPoints-v0", "gym_cards/Points24-v0", "gym_cards/Blackjack-v0"]
+
+
+def make(env_id, seed=0, **state):
+    """The bare env after reset(seed), with any state attributes overwritten (a hand-made state)."""
+    env = gym.make(env_id).unwrapped
+    env.reset(seed=seed)
+    for name, value in state.items():
+        setattr(env, name, value)
+    return env
+
+
+def press(env, *entries):
+    """Step a Points env with action strings; returns the last (reward, terminated, truncated)."""
+    for entry in entries:
+        _, reward, terminated, truncated, _ = env.step(env.actions.index(entry))
+    return reward, terminated, truncated
+
+
+# --- gymnasium frame ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_registered_with_300_step_limit_and_picture_space(env_id):
+    env = gym.make(env_id)
+    assert env.spec.max_episode_steps == 300
+    assert env.observation_space == gym.spaces.Box(0, 255, (300, 300, 3), np.uint8)
+    obs, info = env.reset(seed=1)
+    assert obs.shape == (300, 300, 3) and obs.dtype == np.uint8 and isinstance(info, dict)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_check_env_passes_without_warnings(env_id):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(gym.make(env_id).unwrapped)
+    assert not caught, [str(w.message) for w in caught]
+
+
+def rollout(env_id, seed, steps=12):
+    env = gym.make(env_id)
+    obs, info = env.reset(seed=seed)
+    pictures, rewards = [obs], []
+    action_rng = np.random.default_rng(123)  # the same actions for every seed
+    for _ in range(steps):
+        obs, reward, terminated, truncated, info = env.step(int(action_rng.integers(env.action_space.n)))
+        pictures.append(obs)
+        rewards.append(reward)
+        if terminated or truncated:
+            obs, info = env.reset()
+            pictures.append(obs)
+    return pictures, rewards
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_same_seed_same_pictures_and_rewards_different_seeds_differ(env_id):
+    pictures, rewards = rollout(env_id, seed=7)
+    random.seed(99)  # the global generators must play no part
+    np.random.seed(99)
+    pictures2, rewards2 = rollout(env_id, seed=7)
+    assert rewards == rewards2 and len(pictures) == len(pictures2)
+    assert all(np.array_equal(a, b) for a, b in zip(pictures, pictures2))
+    first_pictures = {rollout(env_id, seed=s, steps=0)[0][0].tobytes() for s in range(8)}
+    assert len(first_pictures) > 1, "different seeds gave the same first picture"
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_info_is_a_snapshot(env_id):
+    env = gym.make(env_id)
+    _, info = env.reset(seed=3)
+    before = json.dumps(info)
+    env.step(0)
+    assert json.dumps(info) == before, "a stored info changed when the env moved on"
+
+
+# --- NumberLine ----------------------------------------------------------------------------------------
+
+def test_number_line_start_and_target_draw_with_the_mod_5_quirk():
+    seen_equal = set()
+    for seed in range(400):
+        rng, _ = seeding.np_random(seed)
+        start, target = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+        info = make("gym_cards/NumberLine-v0", seed).info()
+        assert info["Current"] == start
+        if start == target:
+            seen_equal.add(start)
+            assert info["Target"] == (target + 1) % 5
+        else:
+            assert info["Target"] == target
+    assert 5 in seen_equal, "no seed tested the 5-and-5 case (target must become 1)"
+
+
+def test_number_line_actions_and_rewards():
+    env = make("gym_cards/NumberLine-v0", position=2, target=4)
+    assert env.actions == ("-", "+")
+    assert env.step(1)[1:4] == (0.0, False, False) and env.position == 3  # "+" moves up, closer: 0
+    assert env.step(0)[1:4] == (-1.0, False, False) and env.position == 2  # "-" moves down, away: -1
+    env.step(1)
+    _, reward, terminated, truncated, info = env.step(1)
+    assert (reward, terminated, truncated, info) == (1.0, True, False, {"Target": 4, "Current": 4})
+
+
+@pytest.mark.parametrize("position,action,target", [(0, 0, 3), (5, 1, 2)])
+def test_number_line_blocked_at_an_end_gives_minus_1(position, action, target):
+    env = make("gym_cards/NumberLine-v0", position=position, target=target)
+    assert env.step(action)[1:4] == (-1.0, False, False) and env.position == position
+
+
+def test_number_line_truncated_after_10_steps():
+    env = make("gym_cards/NumberLine-v0", position=0, target=5)
+    for step in range(1, 11):
+        _, _, terminated, truncated, _ = env.step(0)
+        assert not terminated and truncated == (step == 10)
+
+
+def test_number_line_reaching_target_on_step_10_is_terminated_not_truncated():
+    env = make("gym_cards/NumberLine-v0", position=0, target=1)
+    for _ in range(9):
+        env.step(0)
+    assert env.step(1)[1:4] == (1.0, True, False)
+
+
+# --- Points (EZPoints, Points24) ---------------------------------------------------------------------
+
+def test_points_action_indices():
+    assert envs.EZPointsEnv.actions == tuple(str(n) for n in range(1, 11)) + ("+", "*", "=")
+    assert envs.Points24Env.actions == tuple(str(n) for n in range(1, 11)) + ("+", "-", "*", "/", "(", ")", "=")
+
+
+def test_ez_points_deal_distribution():
+    second_cards, first_ranks, swapped = {}, set(), 0
+    env = envs.EZPointsEnv()
+    for seed in range(3000):
+        rng, _ = seeding.np_random(seed)
+        rank = int(rng.integers(2, 14))  # card 1 is drawn first, then maybe swapped
+        env.np_random, _ = seeding.np_random(seed)  # reset(seed=seed) without drawing the picture
+        env.deal()
+        first = 0 if env.ranks[0] == rank else 1
+        assert env.ranks[first] == rank and env.ranks[1 - first] <= 10, "card 2 is a plain number card"
+        assert set(env.suits) <= set("SHCD")
+        second_cards.setdefault(min(rank, 10), []).append(env.numbers[1 - first])
+        first_ranks.add(rank)
+        swapped += first
+    assert first_ranks == set(range(2, 14))
+    assert 1300 < swapped < 1700, "the cards swap places half the time"
+    for value, seconds in second_cards.items():
+        products = sum(value * s == 12 and value + s != 12 for s in seconds)
+        assert all(value + s == 12 or value * s == 12 for s in seconds)
+        if value in (2, 3, 4):  # (6 * 2 and 6 + 6 are both 12: nothing to tell apart)
+            assert 0.35 < products / len(seconds) < 0.65, (value, products, len(seconds))
+        elif value != 6:
+            assert products == 0
+
+
+def test_points24_deal_distribution():
+    ranks = Counter()
+    env = envs.Points24Env()
+    env.reset(seed=0)
+    for _ in range(1000):
+        env.deal()
+        assert len(env.ranks) == 4 and env.numbers == [min(r, 10) for r in env.ranks]
+        ranks.update(env.ranks)
+    assert set(ranks) == set(range(1, 14)) and max(ranks.values()) < 2 * min(ranks.values())
+    assert make("gym_cards/Points24-v0", ranks=[1, 11, 12, 13], suits=list("SHCD")).info()["Cards"] == ["AS", "JH", "QC", "KD"]
+
+
+@pytest.mark.parametrize("env_id,limit", [("gym_cards/EZPoints-v0", 5), ("gym_cards/Points24-v0", 20)])
+def test_points_truncated_with_minus_1_once_formula_is_too_long(env_id, limit):
+    env = make(env_id, formula=["+"] * limit)
+    assert press(env, "+") == (0.0, False, False) and len(env.formula) == limit + 1
+    assert press(env, "=") == (-1.0, False, True), "'=' comes after the length check"
+    env.formula = ["+"] * limit
+    assert press(env, "=")[1] is True, f"{limit} entries may still be evaluated"
+
+
+def test_points_illegal_number_appends_a_blank():
+    env = make("gym_cards/EZPoints-v0", ranks=[6, 6], formula=[])
+    assert press(env, "6", "+", "6") == (0.0, False, False)
+    assert press(env, "6") == (-1.0, False, False) and env.formula == ["6", "+", "6", " "]
+    assert press(env, "5") == (-1.0, False, False) and env.formula[-1] == " "
+    assert press(env, "=") == (10.0, True, False), "'6+6 ' still evaluates to 12"
+
+
+def test_points_equals_is_not_appended_and_rewards():
+    env = make("gym_cards/EZPoints-v0", ranks=[2, 6], formula=[])
+    assert press(env, "2", "*", "6", "=") == (10.0, True, False) and env.formula == ["2", "*", "6"]
+    env = make("gym_cards/EZPoints-v0", ranks=[2, 6], formula=[])
+    assert press(env, "2", "+", "6", "=") == (-1.0, True, False)
+    env = make("gym_cards/EZPoints-v0", ranks=[13, 2], formula=[])  # a king counts as 10
+    assert press(env, "10", "+", "2", "=") == (10.0, True, False)
+
+
+def test_points_every_card_used_exactly_once():
+    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "=")[0] == -1.0
+    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "*", "1", "=")[0] == -1.0
+    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "*", "1", "*", "1", "=")[0] == 10.0
+
+
+def test_points_numbers_join_and_double_star_is_a_power():
+    assert envs.evaluate("".join(["2", "10"])) == 210
+    assert press(make("gym_cards/EZPoints-v0", ranks=[2, 10], formula=[]), "2", "10", "=") == (-1.0, True, False)
+    # 2 then 4 is 24: every card used once, so the env accepts it, as eval would
+    assert press(make("gym_cards/Points24-v0", ranks=[2, 4, 1, 1], formula=[]), "2", "4", "*", "1", "*", "1", "=")[0] == 10.0
+    assert envs.evaluate("2**3") == 8
+    assert press(make("gym_cards/Points24-v0", ranks=[2, 3, 3, 1], formula=[]), "2", "*", "*", "3", "*", "3", "*", "1", "=")[0] == 10.0
+    assert envs.evaluate("8//3") == 2, "'/' twice is a floor division"
+
+
+def test_points_division_compared_exactly_in_floats():
+    assert envs.evaluate("8/(3-8/3)") == eval("8/(3-8/3)") != 24
+    formula = ["8", "/", "(", "3", "-", "8", "/", "3", ")"]
+    assert press(make("gym_cards/Points24-v0", ranks=[8, 3, 8, 3], formula=formula), "=")[0] == -1.0
+    formula = ["6", "/", "(", "1", "-", "3", "/", "4", ")"]  # 6/0.25 is exactly 24.0
+    assert press(make("gym_cards/Points24-v0", ranks=[6, 1, 3, 4], formula=formula), "=")[0] == 10.0
+    assert not envs.points24_solvable([3, 3, 8, 8]) and envs.points24_solvable([1, 3, 4, 6])
+
+
+def test_points_bad_syntax_and_division_by_zero_give_minus_1():
+    assert press(make("gym_cards/Points24-v0", ranks=[2, 1, 1, 3], formula=[]), "2", "+", "=") == (-1.0, True, False)
+    formula = ["2", "/", "(", "1", "-", "1", ")", "*", "3"]
+    assert press(make("gym_cards/Points24-v0", ranks=[2, 1, 1, 3], formula=formula), "=") == (-1.0, True, False)
+    assert press(make("gym_cards/EZPoints-v0", ranks=[2, 10], formula=[]), "=") == (-1.0, True, False)
+
+
+def test_evaluate_matches_eval_and_does_not_hang_on_huge_powers():
+    start = time.time()
+    assert envs.evaluate("10**10**10") is None and envs.evaluate("1**10**10**10") is None
+    assert time.time() - start < 1
+    rng = np.random.default_rng(0)
+    tokens = list(envs.Points24Env.actions[:-1]) + [" "]
+    for _ in range(3000):
+        text = "".join(rng.choice(tokens, size=int(rng.integers(1, 8))))
+        if text.count("**") > 1:
+            continue  # eval itself could hang
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # eval warns about calls like (1)(2)
+            try:
+                expected = eval(text)
+            except (SyntaxError, ArithmeticError, TypeError):
+                expected = None
+        expected = None if isinstance(expected, tuple) else expected  # "()" is no number
+        assert envs.evaluate(text) == expected, text
+
+
+# --- Solvers and experts for the Points tasks ---------------------------------------------------------
+
+def test_points_solver_writes_env_formulas_that_the_env_accepts():
+    for numbers in [(1, 2, 3, 4), (1, 5, 5, 5), (3, 3, 7, 7), (1, 1, 10, 10), (2, 2, 2, 9)]:
+        for entries in envs.solutions(numbers, 24, "+-*/")[:40]:
+            assert all(e in envs.Points24Env.actions for e in entries) and len(entries) <= 20
+            assert not any(a.isdigit() and b.isdigit() for a, b in zip(entries, entries[1:])), entries
+            env = make("gym_cards/Points24-v0", ranks=list(numbers), formula=[])
+            assert press(env, *entries, "=") == (10.0, True, False), entries
+
+
+def test_points24_solvable_count():
+    deals = list(combinations_with_replacement(range(1, 11), 4))
+    solvable = [d for d in deals if envs.points24_solvable(list(d))]
+    assert not envs.points24_solvable([1, 1, 1, 1]) and envs.points24_solvable([1, 2, 3, 4])
+    # 566 deals make 24 in exact fractions; 3 3 8 8 (only 8/(3-8/3)) fails in floats
+    assert len(deals) == 715 and len(solvable) == 565
+
+
+def test_points_expert_follows_a_solution_prefix():
+    expert = envs.get_task("points24").expert
+    actions = envs.Points24Env.actions
+    info = {"Numbers": [4, 6, 1, 1], "Formula": []}
+    moves = []
+    while (a := expert(info)) is not None and actions[a] != "=":
+        info["Formula"].append(actions[a])
+        moves.append(actions[a])
+    assert envs.evaluate("".join(moves)) == 24 and actions[a] == "="
+    assert expert({"Numbers": [4, 6, 1, 1], "Formula": ["(", "("]}) is None
+    assert expert({"Numbers": [1, 1, 1, 1], "Formula": []}) is None, "no expert move on an unsolvable deal"
+    assert envs.get_task("ezpoints").expert({"Numbers": [6, 6], "Formula": ["6", "+", "6"]}) == 12  # "="
+
+
+def test_expert_success_number_line_and_ez_points_100_percent():
+    for name in ("numberline", "ezpoints"):
+        returns = envs.expert_returns(envs.get_task(name), 3000, seed=0)
+        assert all(envs.is_success(r) for r in returns), name
+
+
+@pytest.mark.parametrize("name", ["numberline", "ezpoints", "points24", "blackjack"])
+def test_expert_through_the_gymnasium_api(name):
+    task = envs.get_task(name)
+    env = gym.make(task.env_id)
+    returns = []
+    for episode in range(30):
+        _, info = env.reset(seed=0) if episode == 0 else env.reset()
+        total, done = 0.0, False
+        while not done and (action := task.expert(info)) is not None:
+            _, reward, terminated, truncated, info = env.step(action)
+            total, done = total + reward, terminated or truncated
+        returns.append(total)
+    assert returns == envs.expert_returns(task, 30, seed=0), "the fast expert loop plays other games"
+
+
+def test_expert_success_points24_is_exactly_the_solvable_share():
+    task, env = envs.get_task("points24"), envs.Points24Env()
+    env.reset(seed=0)
+    successes = solvable = 0
+    for _ in range(2000):
+        env.deal()
+        solvable += envs.points24_solvable(env.numbers)
+        episode_return, done = 0.0, False
+        while not done and (action := task.expert(env.info())) is not None:
+            reward, terminated, truncated = env.play(action)
+            episode_return, done = episode_return + reward, terminated or truncated
+        successes += envs.is_success(episode_return)
+    assert successes == solvable and 0.5 < solvable / 2000 < 0.95
+
+
+# --- Blackjack -----------------------------------------------------------------------------------------
+
+def test_blackjack_plays_card_for_card_like_gymnasium():
+    action_rng = np.random.default_rng(0)
+    for seed in range(500):
+        ours, theirs = make("gym_cards/Blackjack-v0", seed), GymnasiumBlackjack()
+        theirs.reset(seed=seed)
+        assert ours.info() == {"Dealer": theirs.dealer, "Player": theirs.player}, seed
+        done = False
+        while not done:
+            action = int(action_rng.integers(2))
+            _, reward, done, truncated, info = ours.step(action)
+            assert (reward, done, truncated) == theirs.step(action)[1:4], seed
+            assert info == {"Dealer": theirs.dealer, "Player": theirs.player}, seed
+
+
+def test_blackjack_deck_and_face_up_card():
+    ranks, values, up_ranks = Counter(), Counter(), Counter()
+    for seed in range(600):
+        env = make("gym_cards/Blackjack-v0", seed)
+        ranks.update(env.player)
+        values.update(env.info()["Player"])
+        up_ranks[env.dealer[0]] += 1
+        assert env.info()["Dealer"][0] == min(env.dealer[0], 10)
+    assert set(ranks) == set(range(1, 14)) and 2 * values[7] < values[10] < 6 * values[7], "J/Q/K/10 count 10"
+    assert 10 not in up_ranks and {11, 12, 13} <= set(up_ranks), "like gymnasium, a ten-valued up card shows J/Q/K"
+
+
+@pytest.mark.parametrize("dealer,drawn", [([10, 6], True), ([1, 5], True), ([10, 7], False), ([1, 6], False)])
+def test_blackjack_dealer_draws_to_17_counting_a_usable_ace_as_11(dealer, drawn):
+    for seed in range(20):
+        env = make("gym_cards/Blackjack-v0", seed, dealer=list(dealer), player=[10, 9])
+        env.step(0)
+        assert (len(env.dealer) > 2) == drawn
+        final = env.total(env.dealer)
+        assert final >= 17 and all(env.total(env.dealer[:k]) < 17 for k in range(2, len(env.dealer)))
+
+
+@pytest.mark.parametrize("player,dealer,reward", [([10, 9], [10, 8], 1.0), ([10, 7], [10, 8], -1.0),
+                                                  ([10, 8], [10, 8], 0.0), ([1, 10], [10, 1], 0.0),
+                                                  ([10, 2], [10, 6, 10], 1.0), ([1, 9], [10, 9], 1.0)])
+def test_blackjack_stand_rewards(player, dealer, reward):
+    env = make("gym_cards/Blackjack-v0", player=player, dealer=dealer)
+    assert env.step(0)[1:4] == (reward, True, False)
+
+
+def test_blackjack_hit_rewards_and_usable_ace():
+    env = make("gym_cards/Blackjack-v0", player=[10, 10], dealer=[10, 7])
+    env.draw_rank = lambda: 5
+    assert env.step(1)[1:4] == (-1.0, True, False), "bust on hit: -1, terminated"
+    env = make("gym_cards/Blackjack-v0", player=[1, 5], dealer=[10, 7])
+    env.draw_rank = lambda: 10
+    assert env.step(1)[1:4] == (0.0, False, False) and env.total(env.player) == 16, "the ace drops to 1"
+    assert envs.hand_total([1, 1, 9]) == (21, 1) and envs.hand_total([1, 5, 10]) == (16, 0)
+
+
+def test_blackjack_dp_policy_and_optimum():
+    policy, expected, win = envs.blackjack_optimum()
+    assert 0.42 < win < 0.44 and -0.06 < expected < -0.03
+    assert policy[(20, 0, 10)] == 0 and policy[(11, 0, 10)] == 1 and policy[(16, 0, 10)] == 1
+    assert policy[(12, 0, 4)] == 0 and policy[(13, 0, 2)] == 0 and policy[(12, 0, 2)] == 1
+    assert policy[(18, 1, 9)] == 1 and policy[(18, 1, 7)] == 0 and policy[(17, 1, 6)] == 1
+    assert len(policy) == 10 * (18 + 10)  # hard 4..21 and soft 12..21 against ten up cards
+
+
+def test_blackjack_expert_wins_as_the_optimum_says():
+    start = time.time()
+    returns = envs.expert_returns(envs.get_task("blackjack"), 20_000, seed=0)
+    win_rate = np.mean([envs.is_success(r) for r in returns])
+    assert abs(win_rate - envs.blackjack_optimum()[2]) < 0.01, win_rate
+    assert time.time() - start < 20
+
+
+# --- The task table ------------------------------------------------------------------------------------
+
+def test_get_task_by_id_or_short_name():
+    assert list(envs.TASKS) == IDS
+    for env_id in IDS:
+        short = env_id.split("/")[1].split("-")[0]
+        assert envs.get_task(env_id) is envs.get_task(short.lower()) is envs.get_task(short.upper()) is envs.TASKS[env_id]
+    with pytest.raises(ValueError, match="numberline"):
+        envs.get_task("pong")
+    assert envs.get_task("blackjack").actions == ("stand", "hit")
+    assert envs.is_success(0.5) and not envs.is_success(0.0) and not envs.is_success(-1.0)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_prompts_and_answers(env_id):
+    task, env = envs.TASKS[env_id], gym.make(env_id)
+    for seed in range(20):
+        _, info = env.reset(seed=seed)
+        for cot in (True, False):
+            prompt = task.prompt(info, cot)
+            assert task.name in prompt and all(json.dumps(a) in prompt for a in task.actions)
+            assert ('"thoughts"' in prompt) == cot and prompt.rstrip("}").endswith('"action": "<legal action>"')
+        if "Formula" in info:
+            assert f'Formula: "{" ".join(info["Formula"])}"' in task.prompt(info, True)
+        answers = [json.loads(task.answer(info, a, True)) for a in range(len(task.actions))]
+        for action, answer in enumerate(answers):
+            keys = list(answer)
+            assert keys[-2:] == ["thoughts", "action"] and answer["action"] == task.actions[action]
+            assert {k: v for k, v in answer.items() if k != "action"} == {k: v for k, v in answers[0].items() if k != "action"}
+        assert json.loads(task.answer(info, 0, False)) == {"action": task.actions[0]}
+        labels = task.labels(info)
+        assert len(labels) == len(task.label_classes) and all(0 <= l < n for l, n in zip(labels, task.label_classes))
+        if task.expert(info) is not None:
+            assert 0 <= task.expert(info) < len(task.actions)
+
+
+def test_answers_read_the_state_truly():
+    nl, ez, bj = envs.get_task("numberline"), envs.get_task("ezpoints"), envs.get_task("blackjack")
+    assert json.loads(nl.answer({"Target": 4, "Current": 2}, 1, True)) == {
+        "current": 2, "target": 4, "thoughts": "target is above current", "action": "+"}
+    info = {"Cards": ["2S", "KH"], "Numbers": [2, 10], "Formula": ["2", "+"]}
+    assert json.loads(ez.answer(info, 9, True)) == {"cards": [2, 10], "formula": "2 +", "thoughts": "unused: 10", "action": "10"}
+    assert ez.labels(info) == [1, 9]
+    info = {"Dealer": [1, 10], "Player": [1, 6]}
+    assert json.loads(bj.answer(info, 0, True)) == {"dealer": 1, "player": 17, "thoughts": "soft 17 against 1", "action": "stand"}
+    assert bj.labels(info) == [0, 17, 1]
+
+
+def test_blackjack_expert_and_labels_use_only_the_face_up_card():
+    bj = envs.get_task("blackjack")
+    for hidden in range(1, 11):
+        info = {"Dealer": [6, hidden], "Player": [10, 2]}
+        assert bj.expert(info) == bj.expert({"Dealer": [6, 1], "Player": [10, 2]}) == 0
+        assert bj.labels(info) == [5, 12, 0] and bj.answer(info, 1, True) == bj.answer({"Dealer": [6], "Player": [10, 2]}, 1, True)
+
+
+# ======================================================================================
+# parse.py and ppo.py: the maths exactly, LoRA against the base model, the parser on every task
+# ======================================================================================
+
+# -----------------------------------------------------------------------------
+# GAE
+
+
+def test_gae_by_hand():
+    # 1 env, 4 steps: step 1 is truncated (bootstraps from its final observation, V = 4.0),
+    # step 2 is terminated (its next value 3.0 must be ignored), step 3 is the rollout's last step.
+    # gamma = gae_lambda = 0.5, so gamma * gae_lambda = 0.25; every number is exact in binary.
+    #   t=3: delta = 1 + 0.5*2.0 - 1.5 = 0.5               adv = 0.5
+    #   t=2: delta = 2 + 0         - 0.5 = 1.5 (terminal)    adv = 1.5  (no recursion past the end)
+    #   t=1: delta = 0 + 0.5*4.0 - 1.0 = 1.0 (truncated)   adv = 1.0  (no recursion past the end)
+    #   t=0: delta = 1 + 0.5*1.0 - 0.5 = 1.0               adv = 1.0 + 0.25*1.0 = 1.25
+    #   returns = adv + values = [1.75, 2.0, 2.0, 2.0]
+    col = lambda *x: torch.tensor(x, dtype=torch.float64)[:, None]  # (4, 1)
+    rewards, values, next_values = col(1, 0, 2, 1), col(0.5, 1.0, 0.5, 1.5), col(1.0, 4.0, 3.0, 2.0)
+    terminated, truncated = col(0, 0, 1, 0).bool(), col(0, 1, 0, 0).bool()
+    advantages, returns = ppo.compute_gae(rewards, values, next_values, terminated, truncated, 0.5, 0.5)
+    assert torch.equal(advantages, col(1.25, 1.0, 1.5, 0.5))
+    assert torch.equal(returns, col(1.75, 2.0, 2.0, 2.0))
+    # float flags give the same answer as bool flags
+    advantages_f, _ = ppo.compute_gae(rewards, values, next_values, terminated.double(), truncated.double(), 0.5, 0.5)
+    assert torch.equal(advantages_f, advantages)
+
+
+def test_gae_matches_plain_loop():
+    rng = np.random.default_rng(0)
+    T, N, gamma, lam = 16, 4, 0.9, 0.95
+    r, v, nv = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=(T, N))
+    term, trunc = rng.random((T, N)) < 0.2, rng.random((T, N)) < 0.2
+    expected = np.zeros((T, N))
+    for n in range(N):  # one env at a time, plain floats
+        next_adv = 0.0
+        for t in range(T - 1, -1, -1):
+            bootstrap = 0.0 if term[t, n] else gamma * nv[t, n]
+            delta = r[t, n] + bootstrap - v[t, n]
+            if term[t, n] or trunc[t, n]:
+                next_adv = 0.0
+            expected[t, n] = next_adv = delta + gamma * lam * next_adv
+    adv, ret = ppo.compute_gae(*map(torch.tensor, (r, v, nv, term, trunc)), gamma, lam)
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-12)
+    assert torch.allclose(ret, torch.tensor(expected + v), atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# PPO loss
+
+
+def test_ppo_loss_at_ratio_one():
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(64, generator=g)
+    adv, values, returns = torch.randn(64, generator=g), torch.randn(64, generator=g), torch.randn(64, generator=g)
+    loss, stats = ppo.ppo_loss(old.clone(), old, adv, values, values, returns, vf_coef=0.0)
+    assert torch.equal(loss, -adv.mean())
+    assert stats["policy_loss"] == -adv.mean().item()
+    assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
+    assert stats["value_loss"] == pytest.approx(0.5 * ((values - returns) ** 2).mean().item())
+
+
+def test_ppo_policy_clipping():
+    clip = 0.1
+    ratio = torch.tensor([0.8, 0.95, 1.05, 1.2, 0.8, 0.95, 1.05, 1.2])
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    old = torch.zeros(8)
+    new = ratio.log().requires_grad_()
+    zeros = torch.zeros(8)
+    loss, stats = ppo.ppo_loss(new, old, adv, zeros, zeros, zeros, clip_coef=clip, vf_coef=0.0)
+    loss.backward()
+    # clipped (no gradient) only where the ratio left [0.9, 1.1] in the direction the advantage rewards
+    clipped = ((adv > 0) & (ratio > 1 + clip)) | ((adv < 0) & (ratio < 1 - clip))
+    assert clipped.tolist() == [False, False, False, True, True, False, False, False]
+    assert torch.equal(new.grad == 0, clipped)
+    expected = torch.where(clipped, -adv * ratio.clamp(1 - clip, 1 + clip), -adv * ratio).mean()
+    assert torch.allclose(loss, expected)
+    assert stats["clipfrac"] == 0.5  # |ratio - 1| > 0.1 for 0.8 and 1.2, whatever the sign
+    assert stats["approx_kl"] > 0
+
+
+def test_ppo_value_clipping():
+    clip = 0.1
+    old_values = torch.zeros(5)
+    values = torch.tensor([0.5, 0.5, 0.05, -0.5, -0.5])
+    returns = torch.tensor([1.0, 0.0, 1.0, -1.0, 0.3])
+    # clipped values: [0.1, 0.1, 0.05, -0.1, -0.1]; the larger squared error is kept:
+    #   max(0.25, 0.81) = 0.81 (clipped), max(0.25, 0.01) = 0.25, 0.9025 both, max(0.25, 0.81) = 0.81 (clipped),
+    #   max(0.64, 0.16) = 0.64
+    per_sample = torch.tensor([0.81, 0.25, 0.9025, 0.81, 0.64])
+    zeros = torch.zeros(5)
+    new = values.clone().requires_grad_()
+    loss, stats = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, vf_coef=1.0)
+    loss.backward()
+    assert torch.allclose(loss, 0.5 * per_sample.mean())
+    assert (new.grad == 0).tolist() == [True, False, False, True, False]
+    new.grad = None
+    loss, _ = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, clip_vloss=False)
+    loss.backward()
+    assert torch.allclose(loss, 0.5 * 0.5 * ((values - returns) ** 2).mean())
+    assert (new.grad != 0).all()
+
+
+def test_ppo_entropy_and_explained_variance():
+    zeros, ones = torch.zeros(4), torch.ones(4)
+    entropy = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    loss, stats = ppo.ppo_loss(zeros, zeros, zeros, zeros, zeros, zeros, entropy=entropy, ent_coef=0.1)
+    assert loss.item() == pytest.approx(-0.25) and stats["entropy"] == 2.5
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert ppo.explained_variance(returns, returns) == 1.0
+    assert ppo.explained_variance(torch.full((4,), 2.5), returns) == 0.0
+    assert math.isnan(ppo.explained_variance(zeros, ones))
+
+
+# -----------------------------------------------------------------------------
+# LoRA and the value head
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama():
+    torch.manual_seed(0)  # the same base weights every time
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    return LlamaForCausalLM(config).eval()
+
+
+def randomise_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ppo.lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+INPUT_IDS = torch.arange(1, 13).reshape(2, 6)
+
+
+@torch.no_grad()
+def logits(model):
+    return model(INPUT_IDS).logits
+
+
+def test_lora_bare_linear():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    lora = ppo.LoRALinear(base, rank=4, alpha=8, dropout=0.0)
+    assert lora.scaling == 2.0 and lora.lora_A.weight.shape == (4, 8) and lora.lora_B.weight.shape == (6, 4)
+    assert torch.equal(lora(x), base(x))  # B = 0: exactly the base layer
+    model = torch.nn.Sequential(base)
+    assert ppo.add_lora(model, 4, 8, 0.0, ["0"]) == ["0"]
+    randomise_lora(model)
+    m = model[0]
+    with torch.no_grad():
+        expected = base(x) + 2.0 * x @ m.lora_A.weight.T @ m.lora_B.weight.T
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        assert not torch.allclose(model(x), base(x))
+        with ppo.lora_disabled(model):
+            assert torch.equal(model(x), base(x))
+        unmerged = model(x)
+        ppo.merge_lora(model)
+        assert type(model[0]) is torch.nn.Linear
+        assert torch.allclose(model(x), unmerged, atol=1e-6)
+
+
+def test_lora_on_tiny_llama(tmp_path):
+    model = tiny_llama()
+    base_keys = set(model.state_dict())
+    base_logits = logits(model)
+    names = ppo.add_lora(model, rank=4, alpha=8, dropout=0.05, targets=TARGETS)
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    # the model's own keys are unchanged; the only new keys are the adapters'
+    keys = set(model.state_dict())
+    assert {k for k in keys if ".lora_" not in k} == base_keys
+    assert len(keys - base_keys) == 2 * len(names)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(names) and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {id(p) for p in ppo.lora_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert torch.equal(logits(model), base_logits)  # B = 0: exactly the base model
+
+    randomise_lora(model)
+    lora_logits = logits(model)
+    assert not torch.allclose(lora_logits, base_logits)
+    with ppo.lora_disabled(model):
+        assert torch.equal(logits(model), base_logits)
+    assert torch.equal(logits(model), lora_logits)  # switched back on
+
+    # save, then load into a freshly built model with the same base weights
+    ppo.save_adapter(model, tmp_path, base_model_name_or_path="tiny-llama")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["lora_dropout"] == 0.05 and config["bias"] == "none" and config["task_type"] is None
+    assert sorted(config["target_modules"]) == sorted(TARGETS) and config["base_model_name_or_path"] == "tiny-llama"
+    assert config["fan_in_fan_out"] is False and config["use_dora"] is False and config["use_rslora"] is False
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    assert set(tensors) == {f"base_model.model.{n}.lora_{ab}.weight" for n in names for ab in "AB"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    fresh = tiny_llama()  # load_adapter adds the LoRA layers from the config
+    ppo.load_adapter(fresh, tmp_path)
+    fresh2 = tiny_llama()  # or into layers added by hand
+    ppo.add_lora(fresh2, 4, 8, 0.05, TARGETS)
+    ppo.load_adapter(fresh2, tmp_path)
+    saved = dict(ppo.lora_modules(model))
+    for f in (fresh, fresh2):
+        assert [n for n, _ in ppo.lora_modules(f)] == names
+        for name, m in ppo.lora_modules(f):
+            assert torch.equal(m.lora_A.weight, saved[name].lora_A.weight)
+            assert torch.equal(m.lora_B.weight, saved[name].lora_B.weight)
+        assert torch.equal(logits(f), lora_logits)
+
+    # an adapter that does not fit the model is refused
+    wrong = tiny_llama()
+    ppo.add_lora(wrong, 4, 8, 0.0, ["q_proj"])
+    with pytest.raises(AssertionError, match="does not fit"):
+        ppo.load_adapter(wrong, tmp_path)
+
+    ppo.merge_lora(model)
+    assert not ppo.lora_modules(model) and set(model.state_dict()) == base_keys
+    assert torch.allclose(logits(model), lora_logits, atol=1e-6)
+
+
+def test_lora_partial_targets_saved_exactly(tmp_path):
+    # wrapping q_proj of layer 0 only: the list ["q_proj"] would make PEFT wrap layer 1's too
+    model = tiny_llama()
+    names = ppo.add_lora(model, 2, 4, 0.0, r"layers\.0\..*q_proj$")
+    assert names == ["model.layers.0.self_attn.q_proj"]
+    ppo.save_adapter(model, tmp_path)
+    target = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(target, str)
+    all_names = [n for n, _ in tiny_llama().named_modules()]
+    assert [n for n in all_names if re.fullmatch(target, n)] == names  # PEFT full-matches a str
+
+
+def test_add_lora_errors_when_nothing_matches():
+    with pytest.raises(AssertionError, match="no nn.Linear"):
+        ppo.add_lora(tiny_llama(), 4, 8, 0.0, ["no_such_proj"])
+
+
+def test_value_head_float32():
+    head = ppo.ValueHead(32, width=16)
+    hidden = torch.randn(2, 3, 32).to(torch.bfloat16)
+    value = head(hidden)
+    assert value.dtype == torch.float32 and value.shape == (2, 3)
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert torch.equal(value, head(hidden.float()))
+
+
+# -----------------------------------------------------------------------------
+# The parser. «» mark the expected span of the value in each answer (the markers are removed).
+
+NL = ["-", "+"]
+BJ = ["stand", "hit"]
+EZ = [str(i) for i in range(1, 11)] + ["+", "*", "="]
+P24 = [str(i) for i in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
+
+CASES = [
+    # NumberLine
+    ('{"current position": 3, "target position": 5, "thoughts": "move right", "action": "«+»"}', NL, "+"),
+    ('{"action": "«-»"}', NL, "-"),
+    ("{'action': '«+»'}", NL, "+"),  # single quotes
+    ('{"action": «-»}', NL, "-"),  # unquoted
+    ('"action":"«+»"', NL, "+"),  # no spaces
+    ('{"action" :   " «+» "  }', NL, "+"),  # extra spaces, inside the quotes too
+    ('We should go right. "ACTION": "«+»"', NL, "+"),  # upper-case key
+    ('{"thoughts": "closer", "action": "«+»"}\nThis moves the position to 4.', NL, "+"),  # text after the JSON
+    ('{"action": "«+ or -»"}', NL, None),  # names two actions
+    ('{"action": "«»"}', NL, None),  # empty value
+    ('{"thoughts": "go left", "actions": "-"}', NL, None),  # "actions" is not "action"
+    ('{"thoughts": "go right", "action": "«+»', NL, "+"),  # cut off
+    ('{"action":\n  "«-»"}', NL, "-"),  # value on the next line
+    # Blackjack
+    ('```json\n{"dealer": 10, "player": 15, "thoughts": "risky", "action": "«stand»"}\n```', BJ, "stand"),
+    ('{"action": "«Hit»"}', BJ, "hit"),  # case-insensitive
+    ('{"action": "«hit or stand»"}', BJ, None),
+    ('{"action": "hit", "action": "«stand»"}', BJ, "stand"),  # two keys: the last wins
+    ('{"thoughts": "action: hit would bust", "action": "«stand»"}', BJ, "stand"),
+    ("Action: «hit»", BJ, "hit"),  # prose, unquoted
+    ('{"action": "«hitting»"}', BJ, None),
+    ('{"thoughts": "17 is low", "action": "«hit»\n', BJ, "hit"),  # cut off at a newline
+    ('{"next_action": "hit"}', BJ, None),
+    ("{'thoughts': 'stay', 'action': '«stand»'}\nDone.", BJ, "stand"),
+    ('{"action": "stand" } {"action": «hit»}', BJ, "hit"),  # two JSON objects
+    # EZPoints
+    ('{"cards": [2, 5], "formula": "2+", "thoughts": "need 10", "action": "«10»"}', EZ, "10"),  # never "1"
+    ('{"action": «10»}', EZ, "10"),
+    ('{"action": "«1»"}', EZ, "1"),
+    ('{"action": "«10»', EZ, "10"),  # cut off
+    ('{"action": "«=»"}\n```', EZ, "="),
+    ('{"action": "«*»", "thoughts": "times"}', EZ, "*"),  # action not the last field
+    ('{"action": "«2 + 3»"}', EZ, None),
+    ('{"action": "«11»"}', EZ, None),
+    ('{"action": "«-»"}', EZ, None),  # legal in Points24, not in EZPoints
+    ("", EZ, None),  # empty answer
+    # Points24
+    ('{"action": "«/»"}', P24, "/"),
+    ('{"action": "«(»"}', P24, "("),
+    ('{"action": "«)»"}', P24, ")"),
+    ('```\n{"formula": "(", "action": "«10»"}\n```\nI chose 10.', P24, "10"),
+    ("The action is 10.", P24, None),  # no "action" key
+    ("{'action': «7»}", P24, "7"),
+    ('{"cards": ["J", 3, 7, 1], "action": "«10»"} "action" here means the next card', P24, "10"),
+]
+
+
+@pytest.mark.parametrize("marked, actions, expected", CASES)
+def test_parse_cases(marked, actions, expected):
+    text = marked.replace("«", "").replace("»", "")
+    index, span = parse.parse_action(text, actions)
+    if "«" in marked:
+        start = marked.index("«")
+        assert span == (start, marked.index("»") - 1), f"{text!r}: span {span}, value {text[span[0]:span[1]]!r}"
+    else:
+        assert span is None
+    assert index == (None if expected is None else actions.index(expected))
+
+
+def test_parse_cases_cover_every_task():
+    assert len(CASES) >= 30 and {id(c[1]) for c in CASES} == {id(NL), id(BJ), id(EZ), id(P24)}
+
+
+def test_parse_random_strings():
+    rng = np.random.default_rng(0)
+    pieces = ['{', '}', '"action"', "'action'", "action", "ACTION", ':', ' : ', '"+"', "'hit'", '"10"', '10', '1',
+              '"', "'", ',', ' ', '\n', '```json', '```', 'stand', '"-', '(', ')', '/', '=', '"thoughts": "x"']
+    keys, seps = ['"action"', "'action'", "action", "Action", '"ACTION"'], [":", ": ", " : ", ":\n"]
+    values = ['"+"', "'hit'", '"10"', "10", "1", '"stand', "=", '" / "', '"(', "Stand", '"hit or stand"', '"11"', '""']
+    printable = [chr(c) for c in range(32, 127)] + ["\n", "\t", "é", "«"]
+    legal = 0
+    for i in range(10_000):
+        if i % 3 == 0:  # random characters
+            text = "".join(rng.choice(printable, size=rng.integers(0, 40)))
+        elif i % 3 == 1:  # random JSON-ish fragments
+            text = "".join(rng.choice(pieces, size=rng.integers(1, 12)))
+        else:  # fragments around a key and a value, so that some strings hold a legal action
+            key, sep, value = rng.choice(keys), rng.choice(seps), rng.choice(values)
+            around = lambda: "".join(rng.choice(pieces, size=rng.integers(0, 4)))
+            text = around() + key + sep + value + around()
+        actions = (P24, BJ, NL, EZ)[i % 4]
+        index, span = parse.parse_action(text, actions)
+        assert index is None or span is not None
+        if span is not None:
+            start, end = span
+            assert 0 <= start <= end <= len(text)
+        if index is not None:
+            legal += 1
+            assert actions[index].lower() == text[start:end].strip(" \"'").lower() == text[start:end].lower()
+    assert legal > 500, f"the random strings rarely held a legal action ({legal}); the test would prove little"
+
+
+# ======================================================================================
+# rl4vlm.py: the lambda split, log-probs, errors, an end-to-end run and exact resume
+# ======================================================================================
+
+HERE = Path(__file__).parent
+# a few tiny updates: 4 envs x 4 steps, a 3-step warm start, 4 evaluation episodes
+FAST = ["--num-envs", "4", "--num-steps", "4", "--total-steps", "48", "--sft-steps", "3", "--sft-batch", "4",
+        "--eval-episodes", "4", "--minibatch-size", "8", "--micro-batch", "4", "--max-new-tokens", "16"]
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def policy(cache):
+    """The built-in tiny VLM (random weights, no warm start) with LoRA and a value head."""
+    folder = cache / "builtin-seed1"
+    if not folder.exists():
+        rl4vlm.build_builtin(folder, seed=1)
+    model, processor = rl4vlm.load_policy(str(folder), "cpu")
+    torch.manual_seed(0)
+    ppo.add_lora(model, 4, 8.0, 0.0, r"language_model\.")
+    for m in model.modules():  # random B so that LoRA takes part in every check below
+        if isinstance(m, ppo.LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    model.eval()
+    value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
+    return model, processor, value_head
+
+
+def settings(**kw):
+    task = envs.get_task(kw.pop("env", "numberline"))
+    return rl4vlm.with_task_defaults(rl4vlm.Settings(**kw), task), task
+
+
+class PiecesTokenizer:
+    """A stand-in tokenizer: token i decodes to pieces[i]."""
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_lambda_split_by_hand():
+    pieces = ['{"thoughts": "go', ' up", ', '"action": "', '+', '"}']
+    text = "".join(pieces)
+    _, span = parse.parse_action(text, ["-", "+"])
+    assert text[span[0]:span[1]] == "+"
+    weights = rl4vlm.token_weights(PiecesTokenizer(pieces), list(range(5)), span, 0.5)
+    logprobs = [-1.0, -2.0, -3.0, -4.0, -5.0]
+    # thought tokens 0..2, action tokens 3..4: 0.5 * (-1 - 2 - 3) + (-4 - 5) = -12
+    assert sum(w * lp for w, lp in zip(weights, logprobs)) == -12.0
+    # a token holding the value's first character counts as action, even with the key in it
+    pieces = ['{"thoughts": "go up", ', '"action": "+', '"}']
+    _, span = parse.parse_action("".join(pieces), ["-", "+"])
+    assert rl4vlm.token_weights(PiecesTokenizer(pieces), [0, 1, 2], span, 0.25) == [0.25, 1.0, 1.0]
+    # no "action" key: every token is thought
+    assert rl4vlm.token_weights(PiecesTokenizer(["no", " json"]), [0, 1], None, 0.5) == [0.5, 0.5]
+    # lambda = 1 is the plain sum of all tokens
+    assert rl4vlm.token_weights(PiecesTokenizer(pieces), [0, 1, 2], span, 1.0) == [1.0, 1.0, 1.0]
+
+
+def test_lambda_split_with_the_builtin_tokenizer(policy):
+    _, processor, _ = policy
+    task = envs.get_task("numberline")
+    info = {"Target": 4, "Current": 1}
+    text = rl4vlm.answer_text(processor, task.prompt(info, True), task.answer(info, 1, True))
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = processor.tokenizer.decode(ids, skip_special_tokens=True)
+    index, span = parse.parse_action(decoded, task.actions)
+    assert index == 1
+    weights = rl4vlm.token_weights(processor.tokenizer, ids, span, 0.5)
+    first_action = weights.index(1.0)
+    # the thought tokens decode to exactly the text before the action value
+    assert processor.tokenizer.decode(ids[:first_action], skip_special_tokens=True) == decoded[:span[0]]
+    assert weights[:first_action] == [0.5] * first_action and set(weights[first_action:]) == {1.0}
+
+
+def test_suppressed_tokens(policy):
+    _, processor, _ = policy
+    suppress = rl4vlm.suppressed_ids(processor)
+    tok = processor.tokenizer
+    assert tok.eos_token_id not in suppress
+    assert tok.convert_tokens_to_ids("<image>") in suppress and tok.pad_token_id in suppress
+
+
+def encoded_samples(processor, task, prompts, answers):
+    """Samples as act() makes them, for given prompt texts and answers."""
+    env = gym.make(task.env_id)
+    samples = []
+    for k, (prompt, answer) in enumerate(zip(prompts, answers)):
+        obs, _ = env.reset(seed=k)
+        enc = rl4vlm.encode_prompts(processor, [obs], [prompt], "cpu")
+        ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        samples.append(dict(prompt=enc, gen_ids=torch.tensor(ids), weights=torch.ones(len(ids))))
+    return samples
+
+
+def test_batch_of_different_lengths_equals_each_alone(policy):
+    model, processor, value_head = policy
+    task = envs.get_task("numberline")
+    prompts = ["short", "a somewhat longer prompt about the target number", task.prompt({"Target": 1, "Current": 2}, True)]
+    answers = ['{"action": "+"}', '{"current": 2, "target": 1, "thoughts": "x", "action": "-"}', "+"]
+    samples = encoded_samples(processor, task, prompts, answers)
+    assert len({x["prompt"]["input_ids"].shape[1] for x in samples}) == 3, "prompts must differ in length"
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        batch = rl4vlm.forward(model, value_head, *rl4vlm.collate(samples, pad)[:3], 1.0, [])
+        for i, x in enumerate(samples):
+            alone = rl4vlm.forward(model, value_head, *rl4vlm.collate([x], pad)[:3], 1.0, [])
+            n = len(x["gen_ids"])
+            assert torch.allclose(batch[0][i, :n], alone[0][0], atol=1e-5)
+            assert (batch[0][i, n:] == 0).all()
+            assert torch.allclose(batch[1][i], alone[1][0], atol=1e-5)
+
+
+def test_rollout_logprobs_and_values_equal_a_full_forward(policy):
+    model, processor, value_head = policy
+    s, task = settings(max_new_tokens=12, temperature=0.7)
+    env = gym.make(task.env_id)
+    obs, infos = zip(*[env.reset(seed=k) for k in range(4)])
+    torch.manual_seed(0)
+    suppress = rl4vlm.suppressed_ids(processor)
+    samples, actions = rl4vlm.act(model, value_head, processor, task, list(obs), list(infos), s, suppress,
+                                  np.random.default_rng(0))
+    assert all(0 <= a < len(task.actions) for a in actions)
+    with torch.no_grad():
+        for x in samples:
+            prompt, gen_ids, gen_mask, weights = rl4vlm.collate([x], processor.tokenizer.pad_token_id)
+            logprobs, values, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+            assert abs(float((logprobs * weights).sum()) - x["logprob"]) < 1e-5
+            assert abs(float(values[0]) - x["value"]) < 1e-5
+
+
+def test_no_action_plays_a_random_action_and_counts_as_thought(policy, monkeypatch):
+    model, processor, value_head = policy
+    s, task = settings(max_new_tokens=6)
+    monkeypatch.setattr(parse, "parse_action", lambda text, actions: (None, None))
+    env = gym.make(task.env_id)
+    obs, infos = zip(*[env.reset(seed=k) for k in range(8)])
+    samples, actions = rl4vlm.act(model, value_head, processor, task, list(obs), list(infos), s,
+                                  rl4vlm.suppressed_ids(processor), np.random.default_rng(0))
+    assert not any(x["format_ok"] for x in samples)
+    assert all(set(x["weights"].tolist()) == {s.thought_coef} for x in samples)
+    assert actions == np.random.default_rng(0).integers(2, size=8).tolist()
+
+
+def test_nan_loss_is_an_error(policy):
+    model, processor, value_head = policy
+    s, task = settings()
+    samples = encoded_samples(processor, task, ["a", "b"], ['{"action": "+"}', '{"action": "-"}'])
+    for x in samples:
+        x.update(logprob=math.nan, value=0.0)
+    params = ppo.lora_parameters(model) + list(value_head.parameters())
+    opt = torch.optim.AdamW(params, lr=0.0)
+    with pytest.raises(FloatingPointError, match="PPO loss is nan"):
+        rl4vlm.ppo_update(model, value_head, opt, params, samples, torch.ones(1, 2), torch.ones(1, 2), s,
+                          [], processor.tokenizer.pad_token_id, np.random.default_rng(0))
+
+
+def test_wilson_interval():
+    low, high = rl4vlm.wilson(5, 10)
+    assert abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4  # textbook value
+    assert rl4vlm.wilson(0, 10)[0] == 0.0 and abs(rl4vlm.wilson(10, 10)[1] - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-envs", "-1"], "--num-envs must be > 0"),
+    (["--env", "chess"], "chess"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--sft-actions", "oracle"], "--sft-actions must be random or expert"),
+    (["--num-steps", "ten"], "invalid int value"),
+    (["--model", str(HERE)], "no config.json"),
+    (["--resume", str(HERE)], "not a run folder"),
+])
+def test_bad_settings_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.parse_settings(argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_flag_exits_nonzero_with_one_line():
+    out = subprocess.run([sys.executable, str(HERE / "rl4vlm.py"), "--lora-rank", "0"],
+                         capture_output=True, text=True, cwd=HERE)
+    assert out.returncode != 0
+    assert out.stderr.strip() == "rl4vlm.py: error: --lora-rank must be > 0, got 0"
+
+
+def test_a_model_that_is_not_a_vlm_is_rejected(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="not an image-text-to-text"):
+        rl4vlm.load_policy(str(tmp_path), "cpu")
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("rollout_seconds", "steps_per_second")} for r in rows]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_run_writes_metrics_checkpoint_and_resumes_exactly(cache, tmp_path, monkeypatch):
+    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
+    results = rl4vlm.main(common + ["--run-name", "full"])
+    full = tmp_path / "full"
+    rows = read_metrics(full)
+    assert [r["update"] for r in rows] == [1, 2, 3]
+    for key in ("env_steps", "success", "mean_return", "format_fail", "approx_kl", "clipfrac",
+                "explained_variance", "steps_per_second"):
+        assert key in rows[0]
+    assert (full / "latest").read_text() == "checkpoint-00003"
+    assert (full / "checkpoint-00003" / "adapter_config.json").exists()
+    assert (full / "curve.png").exists() and (full / "results.md").exists()
+    assert set(results) == {"warm_start", "rl"} and results["rl"]["episodes"] == 4
+
+    # the same run, stopped during update 3, then resumed: the same numbers
+    real_update, calls = rl4vlm.ppo_update, []
+
+    def stop_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+    monkeypatch.setattr(rl4vlm, "ppo_update", stop_at_third)
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.main(common + ["--run-name", "stopped"])
+    assert e.value.code == 130
+    stopped = tmp_path / "stopped"
+    assert (stopped / "latest").read_text() == "checkpoint-00002" and len(read_metrics(stopped)) == 2
+    monkeypatch.setattr(rl4vlm, "ppo_update", real_update)
+    resumed = rl4vlm.main(["--resume", str(stopped)])
+    assert strip_timing(read_metrics(stopped)) == strip_timing(rows)
+    assert resumed == results or {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in resumed.items()} == \
+        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
+
+
+def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "latest").write_text("checkpoint-00001")
+    with pytest.raises(SystemExit, match="--resume"):
+        rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "old"])
