@@ -504,6 +504,9 @@ class Task:
     context: Callable[[dict], str] = lambda info: ""  # state given as text in the prompt
     # per-task training settings (rl4vlm.Settings fields the command line leaves unset)
     defaults: dict = field(default_factory=dict)
+    # the paper's success rates (%, LLaVA-1.6-7B): after SFT + RL, without chain of thought, SFT only
+    paper: dict = field(default_factory=dict)
+    solvable: Callable[[dict], bool] | None = None  # can this deal be won at all (Points24)
 
     @property
     def actions(self):
@@ -560,24 +563,28 @@ TASKS = {task.env_id: task for task in (
          thought=number_line_thought,
          labels=lambda info: [info["Current"], info["Target"]], label_classes=(6, 6),
          expert=lambda info: None if info["Current"] == info["Target"] else int(info["Target"] > info["Current"]),
-         defaults=dict(num_steps=16, total_steps=8192, max_new_tokens=24, sft_steps=400)),
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=400),
+         paper=dict(rl=89.4, no_cot=26.9, sft=24.8)),
     Task("gym_cards/EZPoints-v0", EZPointsEnv, POINTS_GOAL.format(12, "both card values", ""),
          read_spec='"cards": [<value>, <value>], "formula": "<formula>"', read=points_read, thought=points_thought,
          labels=lambda info: [n - 1 for n in info["Numbers"]], label_classes=(10, 10),
          expert=functools.partial(points_expert, EZPointsEnv.actions, 12), context=points_context,
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600)),
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600),
+         paper=dict(rl=50.0, no_cot=29.9, sft=23.0)),
     Task("gym_cards/Points24-v0", Points24Env, POINTS_GOAL.format(24, "all four card values", ", an ace 1"),
          read_spec='"cards": [<4 values>], "formula": "<formula>"', read=points_read, thought=points_thought,
          labels=lambda info: [n - 1 for n in info["Numbers"]], label_classes=(10, 10, 10, 10),
          expert=functools.partial(points_expert, Points24Env.actions, 24), context=points_context,
-         defaults=dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600)),
+         defaults=dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600),
+         paper=dict(rl=2.3, no_cot=0.0, sft=2.6), solvable=lambda info: points24_solvable(info["Numbers"])),
     Task("gym_cards/Blackjack-v0", BlackjackEnv,
          "Get closer to 21 than the dealer without going over; J, Q, K count as 10, an ace 1 or 11.",
          read_spec='"dealer": <face-up card value>, "player": <your total>', read=blackjack_read,
          thought=blackjack_thought,
          labels=lambda info: [info["Dealer"][0] - 1, hand_total(info["Player"])[0], hand_total(info["Player"])[1]],
          label_classes=(10, 32, 2), expert=blackjack_expert,
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=600)),
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=600),
+         paper=dict(rl=40.2, no_cot=40.4, sft=23.1)),
 )}
 
 for _task in TASKS.values():
@@ -597,20 +604,27 @@ def is_success(episode_return):
     return episode_return > 0
 
 
-def expert_returns(task, episodes, seed):
-    """Episode returns when the expert plays, on the env's own rules but without drawing pictures."""
+def expert_returns(task, episodes, seed, policy=None):
+    """Episode returns when the expert (or policy(info, np_random) -> action) plays, on the env's
+    own rules but without drawing pictures."""
     env = task.env_class()
     env.reset(seed=seed)  # deals the first episode; the same deals as reset(seed=seed), reset(), reset(), ...
+    policy = policy or (lambda info, rng: task.expert(info))
     returns = []
     for episode in range(episodes):
         if episode > 0:
             env.deal()
         episode_return, done = 0.0, False
-        while not done and (action := task.expert(env.info())) is not None:
+        while not done and (action := policy(env.info(), env.np_random)) is not None:
             reward, terminated, truncated = env.play(action)
             episode_return, done = episode_return + reward, terminated or truncated
         returns.append(episode_return)
     return returns
+
+
+def random_policy(task):
+    """Uniformly random legal actions: the decisions of a warm start on random actions."""
+    return lambda info, rng: int(rng.integers(len(task.actions)))
 
 
 if __name__ == "__main__":
@@ -639,7 +653,9 @@ if __name__ == "__main__":
         for task in TASKS.values():
             returns = expert_returns(task, args.episodes, args.seed)
             rate = np.mean([is_success(r) for r in returns])
-            print(f"{task.name}: expert success {rate:.4f} over {args.episodes} episodes (seed {args.seed})")
+            chance = np.mean([is_success(r) for r in expert_returns(task, args.episodes, args.seed, random_policy(task))])
+            print(f"{task.name}: expert success {rate:.4f}, random actions {chance:.4f}, "
+                  f"over {args.episodes} episodes (seed {args.seed})")
         env, played = Points24Env(), []
         env.reset(seed=args.seed)  # the deals the expert played
         for episode in range(args.episodes):

@@ -69,7 +69,7 @@ def _opt(default, help, type=None):
 
 @dataclass
 class Settings:
-    env: str = _opt("gym_cards/NumberLine-v0", "task id or short name: numberline, ezpoints, points24, blackjack")
+    env: str = _opt("gym_cards/NumberLine-v0", "task id or short name (numberline, ezpoints, points24, blackjack), or gym-cards for all four")
     model: str = _opt(BUILTIN, "'builtin' (a tiny LLaVA built on first use) or a Hugging Face VLM id or folder")
     seed: int = _opt(1, "seed of everything: model init, envs, sampling, minibatches")
     out_dir: str = _opt("runs", "runs are written to OUT_DIR/RUN_NAME")
@@ -81,7 +81,7 @@ class Settings:
     # the method
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
     thought_coef: float = _opt(0.5, "lambda: weight of the thought tokens' log-prob in log pi(a|s)")
-    temperature: float = _opt(1.0, "sampling temperature, also applied in the loss (paper: 0.2)")
+    temperature: float = _opt(0.2, "sampling temperature, also applied in the loss (as in the paper)")
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int)
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action")
     # rollouts
@@ -109,6 +109,7 @@ class Settings:
     sft_lr: float = _opt(1e-3, "warm-start learning rate")
     sft_actions: str = _opt("random", "actions in the warm-start answers: random or expert")
     aux_loss: str = _opt("auto", "auxiliary perception loss in the warm start: auto (built-in model only), on, off")
+    ablations: bool = _opt(False, "run the chain-of-thought ablation on --env's tasks and a lambda sweep on NumberLine")
     # evaluation and checkpoints
     eval_episodes: int = _opt(500, "held-out episodes per evaluation")
     checkpoint_every: int = _opt(1, "updates between checkpoints")
@@ -137,7 +138,8 @@ def parse_settings(argv=None) -> Settings:
 
 def check_settings(s: Settings) -> None:
     """Reject bad values before any work. Raises ValueError with a one-line reason."""
-    envs.get_task(s.env)  # ValueError lists the tasks
+    if s.env != SUITE:
+        envs.get_task(s.env)  # ValueError lists the tasks
     positive = ["num_envs", "num_steps", "total_steps", "update_epochs", "minibatch_size", "micro_batch",
                 "max_new_tokens", "lora_rank", "sft_batch", "eval_episodes", "checkpoint_every", "temperature",
                 "lr", "sft_lr", "clip_coef", "max_grad_norm", "lora_alpha"]
@@ -610,7 +612,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a success rate."""
     p, d = successes / n, 1 + z * z / n
     centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @torch.no_grad()
@@ -642,8 +644,12 @@ def evaluate(model, value_head, processor, task, s: Settings, suppress, log, lab
                 log(f"evaluating {label}: {len(returns)}/{n} episodes, {time.time() - t0:.0f}s")
     wins = sum(envs.is_success(r) for r in returns)
     low, high = wilson(wins, n)
-    return dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
-                format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
+    result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
+                  format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
+    if task.solvable:  # the share of the evaluated deals that can be won at all
+        env = gym.make(task.env_id)
+        result["solvable"] = float(np.mean([task.solvable(env.reset(seed=first_seed + k)[1]) for k in range(n)]))
+    return result
 
 
 # ----------------------------------------------------------------------------------------
@@ -701,7 +707,7 @@ def plot_curves(path: Path, curves: dict, title: str) -> None:
         points = [(m + x / xmax * (W - 2 * m), H - m - y * (H - 2 * m)) for x, y in zip(xs, ys) if not math.isnan(y)]
         if len(points) > 1:
             d.line(points, fill=colours[k % len(colours)], width=2)
-        d.text((W - m - 150, m + 14 * k), name, fill=colours[k % len(colours)])
+        d.text((W - m - 150, H - m - 20 - 14 * k), name, fill=colours[k % len(colours)])
     img.save(path)
 
 
@@ -803,17 +809,101 @@ def results_table(task, results: dict) -> str:
     return f"{task.env_id}\n" + "\n".join(rows)
 
 
+SUITE = "gym-cards"
+
+
+def run_suite(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
+    """Each task in turn (warm start, RL, evaluation) in run_dir/<task>; finished tasks are
+    skipped and an interrupted one resumes, so --resume works for the suite too."""
+    results = {task.name: run_or_load(s, task, run_dir / task.name, rank) for task in tasks}
+    if rank == 0:
+        plot_curves(run_dir / "curves.png", {t.name: curve(run_dir / t.name) for t in tasks}, "gym-cards")
+        md, csv = suite_tables(tasks, results)
+        (run_dir / "results.md").write_text(md + "\n")
+        (run_dir / "results.csv").write_text(csv)
+        print(md)
+    return results
+
+
+def run_or_load(s: Settings, task, folder: Path, rank: int) -> dict:
+    """A finished run's results, or run (or resume) it."""
+    done = folder / "results.json"
+    previous = json.loads(done.read_text()) if done.exists() else {}
+    return previous if "rl" in previous else run(with_task_defaults(s, task), task, folder, rank)
+
+
+def curve(folder: Path) -> tuple[list, list]:
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [h["env_steps"] for h in history], [h["success"] for h in history]
+
+
+def run_ablations(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
+    """The paper's other two findings: chain of thought against none on each task, and
+    thought_coef (lambda) swept on NumberLine. Tables in ablations.md, plots beside them."""
+    runs = {}  # (task, variant) -> (task, settings, folder); the lambda = --thought-coef run is the CoT run
+    for task in tasks:
+        for cot in (True, False):
+            variant = "cot" if cot else "no-cot"
+            runs[task.name, variant] = (task, Settings(**{**asdict(s), "cot": cot}), f"{task.name}-{variant}")
+    numberline = envs.get_task("numberline")
+    for coef in (0.0, 0.2, 0.5, 1.0):
+        same = coef == s.thought_coef and s.cot and numberline in tasks
+        runs[numberline.name, f"lambda{coef}"] = (numberline, Settings(**{**asdict(s), "cot": True, "thought_coef": coef}),
+                                                  f"{numberline.name}-cot" if same else f"{numberline.name}-lambda{coef}")
+    results = {key: run_or_load(ss, task, run_dir / folder, rank) for key, (task, ss, folder) in runs.items()}
+    if rank == 0:
+        pct = lambda r: f"{100 * r['rl']['success']:.1f} ({100 * r['rl']['ci_low']:.1f}-{100 * r['rl']['ci_high']:.1f})"
+        md = ["Success % after RL (95% interval)", "", "| task | with CoT | without CoT | paper with | paper without |",
+              "|---|---|---|---|---|"]
+        md += [f"| {t.name} | {pct(results[t.name, 'cot'])} | {pct(results[t.name, 'no-cot'])} | "
+               f"{t.paper['rl']} | {t.paper['no_cot']} |" for t in tasks]
+        md += ["", "| lambda (NumberLine) | success after RL |", "|---|---|"]
+        md += [f"| {coef} | {pct(results[numberline.name, f'lambda{coef}'])} |" for coef in (0.0, 0.2, 0.5, 1.0)]
+        (run_dir / "ablations.md").write_text("\n".join(md) + "\n")
+        for name, lam in (("cot", False), ("lambda", True)):
+            plot_curves(run_dir / f"{name}.png", {f"{t} {v}": curve(run_dir / folder) for (t, v), (_, _, folder)
+                                                  in runs.items() if v.startswith("lambda") == lam}, name)
+        print("\n".join(md))
+    return results
+
+
+def suite_tables(tasks, results: dict) -> tuple[str, str]:
+    """The paper's layout: success % with 95% intervals, warm start only and after RL, ours
+    beside the paper's 7B numbers. Returns Markdown and CSV."""
+    pct = lambda r: f"{100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f})"
+    md = ["| | " + " | ".join(t.name for t in tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    csv = ["task,stage,success,ci_low,ci_high,episodes,solvable,paper"]
+    for stage, label, paper in (("warm_start", "warm start only", "sft"), ("rl", "after RL", "rl")):
+        ours = [results[t.name][stage] for t in tasks]
+        md.append(f"| ours, {label} | " + " | ".join(pct(r) for r in ours)
+                  + f" | {100 * np.mean([r['success'] for r in ours]):.1f} |")
+        md.append(f"| paper, {label} | " + " | ".join(f"{t.paper[paper]:.1f}" for t in tasks)
+                  + f" | {np.mean([t.paper[paper] for t in tasks]):.1f} |")
+        csv += [f"{t.name},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},{r['episodes']},"
+                f"{r.get('solvable', '')},{t.paper[paper]}" for t, r in zip(tasks, ours)]
+    for t in tasks:
+        if "solvable" in results[t.name]["rl"]:
+            md.append(f"\n{t.name}: {100 * results[t.name]['rl']['solvable']:.1f}% of the evaluated deals can be won.")
+    return "\n".join(md), "\n".join(csv) + "\n"
+
+
 def main(argv=None) -> dict:
     s = parse_settings(argv)
-    run_dir = Path(s.resume) if s.resume else None
-    if run_dir:  # the run's own settings; the command line only names the run
+    resume = bool(s.resume)
+    run_dir = Path(s.resume) if resume else None
+    if resume:  # the run's own settings; the command line only names the run
         s = Settings(**json.loads((run_dir / "settings.json").read_text()))
-    task = envs.get_task(s.env)
-    s = with_task_defaults(s, task)
-    run_dir = run_dir or Path(s.out_dir) / (s.run_name or f"{task.env_id.split('/')[-1]}-seed{s.seed}-{int(time.time())}")
-    if (run_dir / "latest").exists() and not s.resume:
+    tasks = list(envs.TASKS.values()) if s.env == SUITE else [envs.get_task(s.env)]
+    name = SUITE if s.env == SUITE else tasks[0].name
+    run_dir = run_dir or Path(s.out_dir) / (s.run_name or f"{name}-seed{s.seed}-{int(time.time())}")
+    if (run_dir / "settings.json").exists() and not resume:
         sys.exit(f"rl4vlm.py: error: {run_dir} holds a run; continue it with --resume {run_dir} or pick another --run-name")
-    return run(s, task, run_dir, rank=int(os.environ.get("RANK", 0)))
+    rank = int(os.environ.get("RANK", 0))
+    if s.env == SUITE or s.ablations:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
+        return (run_ablations if s.ablations else run_suite)(s, tasks, run_dir, rank)
+    return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir, rank)
 
 
 if __name__ == "__main__":

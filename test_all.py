@@ -1068,6 +1068,26 @@ def test_end_to_end_run_writes_metrics_checkpoint_and_resumes_exactly(cache, tmp
 
 def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "latest").write_text("checkpoint-00001")
+    (tmp_path / "old" / "settings.json").write_text("{}")
     with pytest.raises(SystemExit, match="--resume"):
         rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "old"])
+
+
+def test_suite_table_has_the_papers_layout():
+    tasks = list(envs.TASKS.values())
+    r = lambda p: dict(success=p, ci_low=p - 0.05, ci_high=p + 0.05, episodes=500)
+    results = {t.name: {"warm_start": r(0.2), "rl": {**r(0.6), **({"solvable": 0.73} if t.solvable else {})}}
+               for t in tasks}
+    md, csv = rl4vlm.suite_tables(tasks, results)
+    lines = md.splitlines()
+    assert lines[0] == "| | NumberLine | EZPoints | Points24 | Blackjack | average |"
+    assert lines[2] == "| ours, warm start only | " + " | ".join(["20.0 (15.0-25.0)"] * 4) + " | 20.0 |"
+    assert lines[3] == "| paper, warm start only | 24.8 | 23.0 | 2.6 | 23.1 | 18.4 |"
+    assert lines[5] == "| paper, after RL | 89.4 | 50.0 | 2.3 | 40.2 | 45.5 |"
+    assert "Points24: 73.0% of the evaluated deals can be won." in md
+    assert csv.splitlines()[0] == "task,stage,success,ci_low,ci_high,episodes,solvable,paper"
+    assert len(csv.splitlines()) == 1 + 2 * len(tasks)
+
+
+def test_gym_cards_is_accepted_as_env():
+    assert rl4vlm.parse_settings(["--env", "gym-cards"]).env == "gym-cards"
