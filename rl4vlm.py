@@ -107,7 +107,7 @@ class Settings:
     sft_steps: int = _opt(None, "warm-start steps (default: the task's; 0 skips it)", int)
     sft_batch: int = _opt(32, "warm-start batch size")
     sft_lr: float = _opt(1e-3, "warm-start learning rate")
-    sft_actions: str = _opt("random", "actions in the warm-start answers: random or expert")
+    sft_actions: str = _opt(None, "actions in the warm-start answers: random or expert (default: the task's)", str)
     aux_loss: str = _opt("auto", "auxiliary perception loss in the warm start: auto (built-in model only), on, off")
     ablations: bool = _opt(False, "run the chain-of-thought ablation on --env's tasks and a lambda sweep on NumberLine")
     # evaluation and checkpoints
@@ -155,7 +155,7 @@ def check_settings(s: Settings) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if s.sft_steps is not None and s.sft_steps < 0:
         raise ValueError(f"--sft-steps must be >= 0, got {s.sft_steps}")
-    if s.sft_actions not in ("random", "expert"):
+    if s.sft_actions not in (None, "random", "expert"):
         raise ValueError(f"--sft-actions must be random or expert, got {s.sft_actions!r}")
     if s.aux_loss not in ("auto", "on", "off"):
         raise ValueError(f"--aux-loss must be auto, on or off, got {s.aux_loss!r}")
@@ -271,12 +271,11 @@ def load_policy(path: str, device: str):
     return model, processor
 
 
-def suppressed_ids(processor) -> list[int]:
-    """Special tokens the policy may not sample: all of them but the end-of-turn ones.
+def suppressed_ids(model, processor) -> list[int]:
+    """Special tokens the policy may not sample: all of them but the model's stop tokens.
     A sampled image token, say, would break the next training forward."""
-    tokenizer = processor.tokenizer
-    stop = {tokenizer.eos_token_id, *np.atleast_1d(tokenizer.convert_tokens_to_ids(tokenizer.eos_token))}
-    return sorted(set(tokenizer.all_special_ids) - stop)
+    stop = {int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)}
+    return sorted(set(processor.tokenizer.all_special_ids) - stop)
 
 
 # ----------------------------------------------------------------------------------------
@@ -718,7 +717,7 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
     """Warm start, evaluate, RL, evaluate. Rank-aware: each rank would step its own envs
     (seeds offset by rank) and only rank 0 logs and writes."""
     is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
+    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     resuming = (run_dir / "latest").exists()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -734,7 +733,7 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
 
     model, processor = warm_started_policy(s, task, log)
     model.eval()
-    suppress, pad_id = suppressed_ids(processor), processor.tokenizer.pad_token_id
+    suppress, pad_id = suppressed_ids(model, processor), processor.tokenizer.pad_token_id
     wrapped = ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets)
     hidden = model.config.get_text_config().hidden_size
     value_head = ppo.ValueHead(hidden).to(s.device)

@@ -905,8 +905,8 @@ def test_lambda_split_with_the_builtin_tokenizer(policy):
 
 
 def test_suppressed_tokens(policy):
-    _, processor, _ = policy
-    suppress = rl4vlm.suppressed_ids(processor)
+    model, processor, _ = policy
+    suppress = rl4vlm.suppressed_ids(model, processor)
     tok = processor.tokenizer
     assert tok.eos_token_id not in suppress
     assert tok.convert_tokens_to_ids("<image>") in suppress and tok.pad_token_id in suppress
@@ -948,7 +948,7 @@ def test_rollout_logprobs_and_values_equal_a_full_forward(policy):
     env = gym.make(task.env_id)
     obs, infos = zip(*[env.reset(seed=k) for k in range(4)])
     torch.manual_seed(0)
-    suppress = rl4vlm.suppressed_ids(processor)
+    suppress = rl4vlm.suppressed_ids(model, processor)
     samples, actions = rl4vlm.act(model, value_head, processor, task, list(obs), list(infos), s, suppress,
                                   np.random.default_rng(0))
     assert all(0 <= a < len(task.actions) for a in actions)
@@ -967,7 +967,7 @@ def test_no_action_plays_a_random_action_and_counts_as_thought(policy, monkeypat
     env = gym.make(task.env_id)
     obs, infos = zip(*[env.reset(seed=k) for k in range(8)])
     samples, actions = rl4vlm.act(model, value_head, processor, task, list(obs), list(infos), s,
-                                  rl4vlm.suppressed_ids(processor), np.random.default_rng(0))
+                                  rl4vlm.suppressed_ids(model, processor), np.random.default_rng(0))
     assert not any(x["format_ok"] for x in samples)
     assert all(set(x["weights"].tolist()) == {s.thought_coef} for x in samples)
     assert actions == np.random.default_rng(0).integers(2, size=8).tolist()
