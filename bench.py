@@ -62,7 +62,7 @@ def main():
     rng = np.random.default_rng(s.seed)
     model, processor = rl4vlm.warm_started_policy(s, task, print)
     model.eval()
-    ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets)
+    ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, rl4vlm.lora_targets(model, s))
     value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
     suppress = rl4vlm.suppressed_ids(model, processor)
 

@@ -13,6 +13,9 @@ The paper first warm-starts the model with supervised answers (SFT), then runs R
 This file holds the settings, model loading (and the built-in tiny VLM), generation,
 log-probs, the warm start, rollouts, the PPO update, evaluation, checkpoints and the command
 line, in that order. envs.py holds the tasks, parse.py text -> action, ppo.py the maths.
+Any Hugging Face image-text-to-text model with a chat template can be the policy (--model): its
+processor and config say everything model-specific (chat format, image inputs, special and stop
+tokens, hidden size, which submodule is the language model that LoRA wraps).
 
 Where this departs from the paper or from textbook PPO:
 1. The default policy is a tiny LLaVA built here from a config (nothing can be downloaded).
@@ -77,6 +80,8 @@ class Settings:
     resume: str = _opt("", "continue the run in this folder from its last checkpoint (its settings are used)")
     cache_dir: str = _opt(".cache", "the built-in model and warm-started models are cached here")
     device: str = _opt("cpu", "torch device")
+    dtype: str = _opt("float32", "model weights: float32, bfloat16 or float16 (LoRA, value head, PPO maths: float32)")
+    grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
     threads: int = _opt(0, "torch CPU threads (0: torch's default)")
     # the method
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
@@ -102,13 +107,15 @@ class Settings:
     lora_rank: int = _opt(8, "LoRA rank (paper: 128)")
     lora_alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha / rank (paper: 256)")
     lora_dropout: float = _opt(0.0, "LoRA dropout (paper: 0.05)")
-    lora_targets: str = _opt(r"language_model\.", "regex of the linear layers LoRA wraps")
+    lora_targets: str = _opt("", "regex of the linear layers LoRA wraps (default: the language model's)")
+    lora_vision: bool = _opt(False, "LoRA on the vision tower's linear layers too (unless --lora-targets is given)")
     # warm start (the paper's SFT step)
     sft_steps: int = _opt(None, "warm-start steps (default: the task's; 0 skips it)", int)
     sft_batch: int = _opt(32, "warm-start batch size")
     sft_lr: float = _opt(1e-3, "warm-start learning rate")
     sft_actions: str = _opt(None, "actions in the warm-start answers: random or expert (default: the task's)", str)
-    aux_loss: str = _opt("auto", "auxiliary perception loss in the warm start: auto (built-in model only), on, off")
+    sft_data: str = _opt("", 'warm start on a JSONL file of {"image": path, "prompt": ..., "answer": ...} lines')
+    aux_loss: str = _opt("auto", "auxiliary perception loss in the warm start: auto (built-in model, no --sft-data), on, off")
     ablations: bool = _opt(False, "run the chain-of-thought ablation on --env's tasks and a lambda sweep on NumberLine")
     # evaluation and checkpoints
     eval_episodes: int = _opt(500, "held-out episodes per evaluation")
@@ -159,10 +166,38 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"--sft-actions must be random or expert, got {s.sft_actions!r}")
     if s.aux_loss not in ("auto", "on", "off"):
         raise ValueError(f"--aux-loss must be auto, on or off, got {s.aux_loss!r}")
+    if s.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {s.dtype!r}")
+    if s.sft_data:
+        read_sft_data(s.sft_data)
+        if s.aux_loss == "on":
+            raise ValueError("--aux-loss on needs the env's labels, which --sft-data does not have")
     if s.resume and not (Path(s.resume) / "settings.json").is_file():
         raise ValueError(f"--resume {s.resume}: no settings.json there, not a run folder")
     if s.model != BUILTIN and Path(s.model).exists() and not (Path(s.model) / "config.json").is_file():
         raise ValueError(f"--model {s.model}: folder has no config.json, not a Hugging Face model")
+
+
+def read_sft_data(path: str) -> list[dict]:
+    """--sft-data: one {"image": path, "prompt": str, "answer": str} a line; image paths are
+    relative to the file's folder. Raises ValueError naming the first bad line."""
+    if not Path(path).is_file():
+        raise ValueError(f"--sft-data {path}: no such file")
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--sft-data {path}: line {n} is not JSON ({e.msg})") from e
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("image", "prompt", "answer"))):
+            raise ValueError(f'--sft-data {path}: line {n} needs the strings "image", "prompt" and "answer"')
+        image = Path(path).parent / row["image"]  # an absolute path stays as it is
+        if not image.is_file():
+            raise ValueError(f"--sft-data {path}: line {n}: no image {image}")
+        rows.append(dict(row, image=str(image)))
+    if not rows:
+        raise ValueError(f"--sft-data {path}: the file is empty")
+    return rows
 
 
 def with_task_defaults(s: Settings, task) -> Settings:
@@ -249,7 +284,7 @@ def save_atomically(folder: Path, write) -> None:
     os.replace(tmp, folder)
 
 
-def load_policy(path: str, device: str):
+def load_policy(path: str, device: str, dtype: str = "float32"):
     """Model and processor through the Auto classes, with a clear error for anything that is
     not an image-text-to-text model with a chat template."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
@@ -263,7 +298,9 @@ def load_policy(path: str, device: str):
     processor = AutoProcessor.from_pretrained(path)
     if not getattr(processor, "chat_template", None):
         raise SystemExit(f"rl4vlm.py: error: {path!r} has no chat template")
-    model = AutoModelForImageTextToText.from_pretrained(path).to(device)
+    if processor.tokenizer.pad_token is None:  # e.g. Mistral's; padding is always masked, so EOS can stand in
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     # Sampling must draw from exactly the distribution the loss uses: drop the checkpoint's
     # generation defaults (top_k, top_p, repetition penalty...), keep only its stop tokens.
     eos = model.generation_config.eos_token_id or processor.tokenizer.eos_token_id
@@ -281,14 +318,36 @@ def suppressed_ids(model, processor) -> list[int]:
 # ----------------------------------------------------------------------------------------
 # Prompts, generation and log-probs.
 
-def encode_prompts(processor, images, prompts: list[str], device) -> dict:
-    """Chat-formatted, left-padded prompt batch with the processor's image inputs."""
-    chats = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-        add_generation_prompt=True, tokenize=False) for p in prompts]
-    pics = [Image.fromarray(image) for image in images]
-    enc = processor(images=pics, text=chats, return_tensors="pt", padding=True, padding_side="left")
-    return {k: v.to(device) for k, v in enc.items()}
+def encode_prompts(processor, images, prompts: list[str], device) -> list[dict]:
+    """Chat-formatted prompts with the processor's image inputs, one dict per sample (batch
+    dimension 1), so that every model's image inputs stay per sample whatever their layout."""
+    rows, bos = [], processor.tokenizer.bos_token
+    for image, prompt in zip(images, prompts):
+        chat = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True, tokenize=False)
+        # a template that writes BOS itself gets no second one from the tokenizer (as in transformers)
+        enc = processor(images=[Image.fromarray(image)], text=[chat], return_tensors="pt",
+                        add_special_tokens=not (bos and chat.startswith(bos)))
+        rows.append({k: v.to(device) for k, v in enc.items()})
+    return rows
+
+
+def pad_prompts(rows: list[dict], pad_id: int) -> dict:
+    """Per-sample prompts -> one batch. Tensors shaped like input_ids (1, P) are per token
+    (attention mask, token type ids): padded on the left, input_ids with pad_id, the rest with 0.
+    The others (pixel values, image sizes or grids) are concatenated, their dim 1 (crops or
+    patches, which vary with a picture's size) zero-padded at the end, as processors batch them."""
+    batch = {}
+    for key in rows[0]:
+        xs = [r[key] for r in rows]
+        n = max(x.shape[1] for x in xs)
+        if all(x.shape == r["input_ids"].shape for x, r in zip(xs, rows)):
+            xs = [F.pad(x, (n - x.shape[1], 0), value=pad_id if key == "input_ids" else 0) for x in xs]
+        else:
+            xs = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, n - x.shape[1])) for x in xs]
+        batch[key] = torch.cat(xs)
+    return batch
 
 
 def token_logprobs(logits, tokens, temperature: float, suppress: list[int]):
@@ -305,12 +364,17 @@ def forward(model, value_head, prompt: dict, gen_ids, gen_mask, temperature, sup
     prompt: left-padded processor output (input_ids (B, P), ...); gen_ids, gen_mask (B, G).
     Returns log p of each generated token (B, G) (0 at padding), the value of the prompt (B,)
     and the model output (for the warm start's image features)."""
-    P = prompt["input_ids"].shape[1]
+    (B, P), G = prompt["input_ids"].shape, gen_ids.shape[1]
     ids = torch.cat([prompt["input_ids"], gen_ids], 1)                       # (B, P+G)
     mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
-    extra = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, **extra)
+    # other per-token inputs (Gemma3's token_type_ids, Qwen2-VL's mm_token_type_ids) go on with
+    # 0 (text) over the answer
+    extra = {k: torch.cat([v, v.new_zeros(B, G)], 1) if v.shape == (B, P) else v
+             for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
+    # the positions generate() uses: from the left padding on, 3-D for Qwen2-VL's multimodal RoPE
+    positions = model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                use_cache=False, **extra)
     logprobs = token_logprobs(out.logits[:, P - 1:-1], gen_ids, temperature, suppress).where(gen_mask, 0.0)
     values = value_head(out.hidden_states[-1][:, P - 1]) if value_head is not None else None
     return logprobs, values, out
@@ -331,7 +395,8 @@ def token_weights(tokenizer, gen_ids: list[int], span, thought_coef: float) -> l
 def act(model, value_head, processor, task, images, infos, s: Settings, suppress, rng):
     """Sample one answer per env and turn it into an action.
     Returns a list of per-sample dicts (what the PPO update needs) and the actions."""
-    prompt = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
+    rows = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
+    prompt = pad_prompts(rows, processor.tokenizer.pad_token_id)
     out = model.generate(**prompt, do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0,
                          max_new_tokens=s.max_new_tokens, suppress_tokens=suppress or None,
                          output_logits=True, output_hidden_states=True, return_dict_in_generate=True)
@@ -348,7 +413,7 @@ def act(model, value_head, processor, task, images, infos, s: Settings, suppress
         text = processor.tokenizer.decode(ids, skip_special_tokens=True)
         action, span = parse.parse_action(text, task.actions)
         weights = torch.tensor(token_weights(processor.tokenizer, ids, span, s.thought_coef))
-        samples.append(dict(prompt=unpad(prompt, i), gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
+        samples.append(dict(prompt=rows[i], gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
                             logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
                             text=text, format_ok=action is not None))
         if action is None:  # the paper plays a random legal action; counted as a format failure
@@ -357,24 +422,11 @@ def act(model, value_head, processor, task, images, infos, s: Settings, suppress
     return samples, actions
 
 
-def unpad(prompt: dict, i: int) -> dict:
-    """Row i of a left-padded prompt batch, without its padding (batch dimension kept)."""
-    n = int(prompt["attention_mask"][i].sum())
-    return {k: v[i:i + 1, -n:] if k in ("input_ids", "attention_mask") else v[i:i + 1] for k, v in prompt.items()}
-
-
 def collate(samples: list[dict], pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples of different lengths -> left-padded prompts, right-padded answers.
     Returns prompt dict, gen_ids (B, G), gen_mask (B, G), weights (B, G)."""
-    P = max(x["prompt"]["input_ids"].shape[1] for x in samples)
+    prompt = pad_prompts([x["prompt"] for x in samples], pad_id)
     G = max(len(x["gen_ids"]) for x in samples)
-    prompt = {}
-    for key in samples[0]["prompt"]:
-        rows = [x["prompt"][key] for x in samples]
-        if key in ("input_ids", "attention_mask"):
-            fill = pad_id if key == "input_ids" else 0
-            rows = [F.pad(r, (P - r.shape[1], 0), value=fill) for r in rows]
-        prompt[key] = torch.cat(rows, 0)
     gen_ids = torch.stack([F.pad(x["gen_ids"], (0, G - len(x["gen_ids"])), value=pad_id) for x in samples])
     gen_mask = torch.stack([torch.arange(G) < len(x["gen_ids"]) for x in samples])
     weights = torch.stack([F.pad(x["weights"], (0, G - len(x["weights"]))) for x in samples])
@@ -417,20 +469,25 @@ class EnvPool:
 # Warm start (the paper's SFT step).
 
 def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict:
-    """Supervised answers written by envs.py for states from random play.
+    """Supervised answers written by envs.py for states from random play, or drawn from the
+    --sft-data file. It trains whatever requires grad (all weights, or LoRA adapters).
     With `aux`, linear heads predict the state labels (what the picture shows) from
     (1) the flattened projected image features: a from-scratch VLM does not learn to read its
         picture from language loss alone (measured), and
     (2) the last prompt token's hidden state, the value head's input: the answer's first token
         is the same for every state, so nothing else makes that position carry the state.
     The heads are dropped after the warm start."""
-    pool = EnvPool(task.env_id, s.sft_batch, first_seed=s.seed * 1_000_003 + 7)
+    data = read_sft_data(s.sft_data) if s.sft_data else None
+    pool = None if data else EnvPool(task.env_id, s.sft_batch, first_seed=s.seed * 1_000_003 + 7)
     tokenizer = processor.tokenizer
+    stops = tokenizer.convert_ids_to_tokens([int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)])
     params = [p for p in model.parameters() if p.requires_grad]
     heads = {}
     if aux:
-        probe = forward(model, None, encode_prompts(processor, pool.obs[:1], [task.prompt(pool.infos[0], s.cot)], s.device),
-                        torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool), 1.0, [])[2]
+        empty = torch.zeros(1, 0, dtype=torch.long, device=s.device)
+        first = pad_prompts(encode_prompts(processor, pool.obs[:1], [task.prompt(pool.infos[0], s.cot)], s.device),
+                            tokenizer.pad_token_id)
+        probe = forward(model, None, first, empty, empty.bool(), 1.0, [])[2]
         heads = {"image": probe.image_hidden_states.numel(), "prompt": probe.hidden_states[-1].shape[-1]}
         heads = {k: torch.nn.Linear(n, sum(task.label_classes)).to(s.device) for k, n in heads.items()}
         params += [p for head in heads.values() for p in head.parameters()]
@@ -438,12 +495,19 @@ def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict
     model.train()
     t0, stats = time.time(), {}
     for step in range(1, s.sft_steps + 1):
-        images, infos = list(pool.obs), list(pool.infos)
-        actions = [task.expert(info) if s.sft_actions == "expert" else None for info in infos]
-        actions = [int(rng.integers(len(task.actions))) if a is None else a for a in actions]
-        prompt = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
-        answers = [tokenizer(answer_text(processor, task.prompt(i, s.cot), task.answer(i, a, s.cot)),
-                             add_special_tokens=False)["input_ids"] for i, a in zip(infos, actions)]
+        if data:
+            rows = [data[k] for k in rng.integers(len(data), size=s.sft_batch)]
+            images = [np.asarray(Image.open(r["image"]).convert("RGB")) for r in rows]
+            prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+        else:
+            images, infos = list(pool.obs), list(pool.infos)
+            actions = [task.expert(info) if s.sft_actions == "expert" else None for info in infos]
+            actions = [int(rng.integers(len(task.actions))) if a is None else a for a in actions]
+            prompts = [task.prompt(info, s.cot) for info in infos]
+            answers = [task.answer(i, a, s.cot) for i, a in zip(infos, actions)]
+        prompt = pad_prompts(encode_prompts(processor, images, prompts, s.device), tokenizer.pad_token_id)
+        answers = [tokenizer(answer_text(processor, p, a, stops), add_special_tokens=False)["input_ids"]
+                   for p, a in zip(prompts, answers)]
         G = max(map(len, answers))
         gen_ids = torch.tensor([a + [tokenizer.pad_token_id] * (G - len(a)) for a in answers], device=s.device)
         gen_mask = torch.tensor([[j < len(a) for j in range(G)] for a in answers], device=s.device)
@@ -451,8 +515,8 @@ def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict
         loss = lm_loss = -logprobs.sum() / gen_mask.sum()
         if heads:
             P = prompt["input_ids"].shape[1]
-            features = {"image": out.image_hidden_states.reshape(len(infos), -1),  # (B, tokens * hidden), raw
-                        "prompt": out.hidden_states[-1][:, P - 1]}                 # (B, hidden)
+            features = {"image": out.image_hidden_states.reshape(len(infos), -1).float(),  # (B, tokens * hidden), raw
+                        "prompt": out.hidden_states[-1][:, P - 1].float()}                 # (B, hidden)
             labels = torch.tensor([task.labels(info) for info in infos], device=s.device)  # (B, n_labels)
             for name, head in heads.items():
                 logits = head(features[name]).split(list(task.label_classes), dim=1)
@@ -469,23 +533,25 @@ def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict
             log(f"warm start {step}/{s.sft_steps}  lm_loss {lm_loss.item():.3f}  "
                 + "".join(f"{k} {v:.2f}  " for k, v in stats.items() if k.endswith("_acc"))
                 + f"{rate:.1f} steps/s  eta {(s.sft_steps - step) / rate:.0f}s")
-        for i in range(len(infos)):  # next states: random play
-            pool.step(i, int(rng.integers(len(task.actions))))
+        if not data:  # next states: random play
+            for i in range(len(infos)):
+                pool.step(i, int(rng.integers(len(task.actions))))
     model.eval()
     return stats
 
 
-def answer_text(processor, prompt: str, answer: str) -> str:
-    """The assistant turn as the chat template writes it after the generation prompt
-    (answer plus end-of-turn token), i.e. exactly what the policy should generate."""
+def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
+    """The assistant turn as the chat template writes it after the generation prompt, up to
+    and including the first stop token (default: the tokenizer's EOS), i.e. exactly what the
+    policy should generate."""
     user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     head = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
                                          tokenize=False)
     assert full.startswith(head), "chat template: the assistant turn does not extend the generation prompt"
-    end = processor.tokenizer.eos_token  # stop after the end-of-turn token, as generation does
-    cut = full.find(end, len(head) + len(answer))
-    return full[len(head):] if cut < 0 else full[len(head):cut + len(end)]
+    turn = full[len(head):]  # cut after the first stop token, as generation stops there
+    cuts = [i + len(t) for t in stop_tokens or [processor.tokenizer.eos_token] if (i := turn.find(t, len(answer))) >= 0]
+    return turn[:min(cuts)] if cuts else turn
 
 
 def warm_started_policy(s: Settings, task, log):
@@ -502,24 +568,48 @@ def warm_started_policy(s: Settings, task, log):
             with torch.random.fork_rng(devices=[]):
                 build_builtin(Path(base), s.seed)
     if s.sft_steps == 0:
-        return load_policy(base, s.device)
-    aux = s.aux_loss == "on" or (s.aux_loss == "auto" and s.model == BUILTIN)
+        return load_policy(base, s.device, s.dtype)
+    full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
+    aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
     key = dict(model=s.model, env=task.env_id, cot=s.cot, sft_steps=s.sft_steps, sft_batch=s.sft_batch,
                sft_lr=s.sft_lr, sft_actions=s.sft_actions, aux=aux, seed=s.seed)
+    # settings that shape only some warm starts join the key only when they do, so older entries stay valid
+    key.update({k: v for k, v in dict(
+        dtype=s.dtype, sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
+        lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision],
+    ).items() if v not in (None, "", "float32")})
     folder = cache / ("sft-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     if not (folder / "config.json").exists():
-        model, processor = load_policy(base, s.device)
-        log(f"warm start: {s.sft_steps} steps on {task.env_id}, {s.sft_actions} actions"
-            + (", auxiliary perception loss" if aux else ""))
+        model, processor = load_policy(base, s.device, s.dtype)
+        if s.grad_checkpointing:
+            model.activation_checkpointing_enable()
+        log(f"warm start: {s.sft_steps} steps on {task.env_id}, "
+            + (f"answers from {s.sft_data}" if s.sft_data else f"{s.sft_actions} actions")
+            + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
         t0 = time.time()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
+            if not full:
+                ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, lora_targets(model, s))
             stats = warm_start(model, processor, task, s, aux, np.random.default_rng(s.seed), log)
+            if not full:
+                ppo.merge_lora(model)
         info = dict(key, **stats, seconds=round(time.time() - t0, 1))
         save_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
                                              (tmp / "warm_start.json").write_text(json.dumps(info, indent=1))))
     log(f"warm-started model: {folder}")
-    return load_policy(str(folder), s.device)
+    return load_policy(str(folder), s.device, s.dtype)
+
+
+def lora_targets(model, s: Settings) -> str:
+    """--lora-targets, or a regex for the language model's linear layers (and with --lora-vision
+    the vision tower's), found as the model's own submodules rather than by names per family."""
+    if s.lora_targets:
+        return s.lora_targets
+    parts = [model.get_decoder()] + ([model.get_encoder(modality="image")] if s.lora_vision else [])
+    names = {id(m): name for name, m in model.named_modules()}
+    assert all(names.get(id(p)) for p in parts), "cannot find the language model or vision tower: give --lora-targets"
+    return "^(" + "|".join(re.escape(names[id(p)]) + r"\." for p in parts) + ")"
 
 
 # ----------------------------------------------------------------------------------------
@@ -529,7 +619,8 @@ def warm_started_policy(s: Settings, task, log):
 def prompt_values(model, value_head, processor, task, images, infos, s: Settings):
     """V(s) for a batch of states: a prompt-only forward (used for the bootstrap value after
     the last step and for the final state of a truncated episode)."""
-    prompt = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
+    prompt = pad_prompts(encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device),
+                         processor.tokenizer.pad_token_id)
     empty = torch.zeros(len(infos), 0, dtype=torch.long, device=s.device)
     return forward(model, value_head, prompt, empty, empty.bool(), 1.0, [])[1]
 
@@ -733,8 +824,10 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
 
     model, processor = warm_started_policy(s, task, log)
     model.eval()
+    if s.grad_checkpointing:
+        model.activation_checkpointing_enable()
     suppress, pad_id = suppressed_ids(model, processor), processor.tokenizer.pad_token_id
-    wrapped = ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets)
+    wrapped = ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, lora_targets(model, s))
     hidden = model.config.get_text_config().hidden_size
     value_head = ppo.ValueHead(hidden).to(s.device)
     params = ppo.lora_parameters(model) + list(value_head.parameters())

@@ -11,11 +11,12 @@ import sys
 import time
 import warnings
 
+from PIL import Image
 from gymnasium.envs.toy_text.blackjack import BlackjackEnv as GymnasiumBlackjack
 from gymnasium.utils import seeding
 from gymnasium.utils.env_checker import check_env
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -918,7 +919,7 @@ def encoded_samples(processor, task, prompts, answers):
     samples = []
     for k, (prompt, answer) in enumerate(zip(prompts, answers)):
         obs, _ = env.reset(seed=k)
-        enc = rl4vlm.encode_prompts(processor, [obs], [prompt], "cpu")
+        enc = rl4vlm.encode_prompts(processor, [obs], [prompt], "cpu")[0]
         ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
         samples.append(dict(prompt=enc, gen_ids=torch.tensor(ids), weights=torch.ones(len(ids))))
     return samples
@@ -1016,7 +1017,7 @@ def test_bad_flag_exits_nonzero_with_one_line():
 
 
 def test_a_model_that_is_not_a_vlm_is_rejected(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="not an image-text-to-text"):
@@ -1091,3 +1092,470 @@ def test_suite_table_has_the_papers_layout():
 
 def test_gym_cards_is_accepted_as_env():
     assert rl4vlm.parse_settings(["--env", "gym-cards"]).env == "gym-cards"
+
+
+# ======================================================================================
+# any Hugging Face VLM as the policy: tiny LLaVA, Idefics3, Gemma3 (and Qwen2-VL's model) through --model FOLDER
+# ======================================================================================
+# Any Hugging Face VLM as the policy (issue #6). Tiny random LLaVA, Idefics3 and Gemma3 models
+# are built here from configs (offline), saved to a folder and driven through `--model FOLDER`.
+#
+# Qwen2-VL cannot go through `--model FOLDER` here: its processor insists on a video processor,
+# and video processors need torchvision, which does not import next to the CPU torch here. The
+# Qwen2-VL model itself builds, so a stand-in for the processor's image path drives it through
+# act / forward / ppo_update (3-D rotary positions, mm_token_type_ids, flat pixel_values).
+#
+
+def bpe_tokenizer(specials, add_bos=False, **special_tokens):
+    """A byte-level BPE tokenizer trained on the tasks' text, with `specials` as special tokens;
+    with add_bos it puts BOS before every text, as Llama's and Gemma's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(rl4vlm.task_corpus(0, episodes=3), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if add_bos:
+        bos = special_tokens["bos_token"]
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bpe.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, padding_side="left", **special_tokens)
+
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def build_llava(folder):
+    """LLaVA-1.5 layout: CLIP vision tower, projector, Llama; chat turns in Vicuna style; no pad
+    token, as Mistral's tokenizer (LLaVA-NeXT's) has none."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    tok = bpe_tokenizer(["<unk>", "<s>", "</s>", "<image>"], add_bos=True, unk_token="<unk>", bos_token="<s>",
+                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{{ 'USER: ' if m['role'] == 'user' else 'ASSISTANT: ' }}"
+                "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}"
+                "{% endif %}{% endfor %}{{ ' ' if m['role'] == 'user' else '</s>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    px, patch = 32, 8
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**TINY, image_size=px, patch_size=patch),
+        text_config=LlamaConfig(**TINY, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=(px // patch) ** 2,
+        image_token_index=tok.convert_tokens_to_ids("<image>"))
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": px}, crop_size={"height": px, "width": px}),
+        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=template)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def build_idefics3(folder):
+    """Idefics3 (SmolVLM's architecture): SigLIP-style vision model, pixel shuffle, Llama named text_model."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+    tok = bpe_tokenizer(["<|pad|>", "<|begin_of_text|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                         "<global-img>"], pad_token="<|pad|>", bos_token="<|begin_of_text|>", eos_token="<end_of_utterance>")
+    # Idefics3's own template: "User:<image>...<end_of_utterance>\nAssistant: ..."
+    template = ("<|begin_of_text|>{% for message in messages %}{{message['role'] | capitalize}}"
+                "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+                "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+                "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+    px, patch, scale = 32, 8, 2
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(**TINY, image_size=px, patch_size=patch),
+        text_config=LlamaConfig(**TINY, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": px}, max_image_size={"longest_edge": px},
+                                                  do_image_splitting=False),
+        tokenizer=tok, image_seq_len=(px // patch) ** 2 // scale ** 2, chat_template=template)
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+def build_gemma3(folder):
+    """Gemma3: SigLIP vision tower, pooled projector, token_type_ids for bidirectional attention
+    over the image, a turn that ends in <end_of_turn> while the tokenizer's EOS is <eos>."""
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
+                              Gemma3TextConfig, SiglipVisionConfig)
+    tok = bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                         "<end_of_image>", "<image_soft_token>"], add_bos=True,
+                        pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                              "image_token": "<image_soft_token>", "sot_token": "<start_of_turn>",
+                                              "eot_token": "<end_of_turn>"})
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
+                "else m['role']) + '\n' }}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<start_of_image>' }}"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<end_of_turn>\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+    px, patch, tokens = 32, 8, 4
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(**TINY, image_size=px, patch_size=patch),
+        text_config=Gemma3TextConfig(**TINY, num_key_value_heads=1, head_dim=16, vocab_size=len(tok), sliding_window=16,
+                                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=stop),
+        mm_tokens_per_image=tokens, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id)
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": px, "width": px}),
+                                tokenizer=tok, image_seq_length=tokens, chat_template=template)
+    model = Gemma3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = stop  # as the hub checkpoints have it
+    return model, processor
+
+
+BUILDERS = {"llava": build_llava, "idefics3": build_idefics3, "gemma3": build_gemma3}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def folder(request, tmp_path_factory):
+    """A tiny random model of one family, saved as a hub checkpoint is."""
+    path = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    model, processor = BUILDERS[request.param](path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def fast_args(folder, tmp_path, *extra):
+    return ["--model", str(folder), "--env", "numberline", "--num-envs", "2", "--num-steps", "2", "--total-steps", "4",
+            "--sft-steps", "2", "--sft-batch", "2", "--eval-episodes", "2", "--max-new-tokens", "8",
+            "--minibatch-size", "4", "--micro-batch", "2", "--cache-dir", str(tmp_path / "cache"),
+            "--out-dir", str(tmp_path), *extra]
+
+
+def test_a_run_with_the_model_folder(folder, tmp_path):
+    results = rl4vlm.main(fast_args(folder, tmp_path, "--run-name", "run"))
+    assert set(results) == {"warm_start", "rl"} and results["rl"]["episodes"] == 2
+    assert (tmp_path / "run" / "checkpoint-00001" / "adapter_model.safetensors").exists()
+    # a pretrained model's warm start trains LoRA adapters on the language model and merges them
+    warm, = (tmp_path / "cache").glob("sft-*")
+    assert json.loads((warm / "warm_start.json").read_text())["lora"][:3] == [8, 16.0, 0.0]
+    base = AutoModelForImageTextToText.from_pretrained(folder)
+    base_weights, tuned = base.state_dict(), AutoModelForImageTextToText.from_pretrained(warm).state_dict()
+    assert base_weights.keys() == tuned.keys()
+    changed = {k for k in tuned if not torch.equal(base_weights[k], tuned[k])}
+    text = rl4vlm.lora_targets(base, rl4vlm.Settings())  # the language model's linear layers
+    assert changed and all(re.search(text, k) and k.endswith("proj.weight") for k in changed), sorted(changed)[:3]
+
+
+def load(folder, **settings):
+    """The model as run() sees it: loaded from the folder, LoRA on the default targets (B made
+    random so that the adapters take part), a value head."""
+    s = rl4vlm.with_task_defaults(rl4vlm.Settings(**settings), envs.get_task("numberline"))
+    model, processor = rl4vlm.load_policy(str(folder), "cpu", s.dtype)
+    torch.manual_seed(0)
+    ppo.add_lora(model, 4, 8.0, 0.0, rl4vlm.lora_targets(model, s))
+    for _, m in ppo.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    model.eval()
+    return s, model, processor, ppo.ValueHead(model.config.get_text_config().hidden_size)
+
+
+def states(n, seed=0):
+    env = gym.make(envs.get_task("numberline").env_id)
+    obs, infos = zip(*[env.reset(seed=seed + k) for k in range(n)])
+    return list(obs), list(infos)
+
+
+def test_thought_action_split_with_the_models_tokenizer(folder):
+    s, model, processor, _ = load(folder)
+    task, tokenizer = envs.get_task("numberline"), processor.tokenizer
+    stops = tokenizer.convert_ids_to_tokens([int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)])
+    info = {"Target": 4, "Current": 1}
+    text = rl4vlm.answer_text(processor, task.prompt(info, True), task.answer(info, 1, True), stops)
+    assert any(text.endswith(stop) for stop in stops), f"the answer must end in a stop token: {text!r}"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    index, span = parse.parse_action(decoded, task.actions)
+    assert index == 1
+    weights = rl4vlm.token_weights(tokenizer, ids, span, 0.5)
+    first_action = weights.index(1.0)
+    assert weights[:first_action] == [0.5] * first_action and set(weights[first_action:]) == {1.0}
+    # the thought tokens decode to the text before the action value; the first action token is
+    # the one holding the value's first character (with a merge such as ' "+' it holds the quote too)
+    thought = tokenizer.decode(ids[:first_action], skip_special_tokens=True)
+    assert decoded[:span[0]].startswith(thought)
+    assert len(tokenizer.decode(ids[:first_action + 1], skip_special_tokens=True)) > span[0]
+
+
+def test_default_lora_targets_are_the_language_models_linear_layers(folder):
+    names = {"llava": ("model.language_model.", "model.vision_tower."),  # as each family names them
+             "idefics3": ("model.text_model.", "model.vision_model."),
+             "gemma3": ("model.language_model.", "model.vision_tower.")}
+    text, vision = names[json.loads((folder / "config.json").read_text())["model_type"]]
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    linear = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    in_text, in_vision = {n for n in linear if n.startswith(text)}, {n for n in linear if n.startswith(vision)}
+    assert in_text and in_vision
+    assert set(ppo.add_lora(model, 2, 4.0, 0.0, rl4vlm.lora_targets(model, rl4vlm.Settings()))) == in_text
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    s = rl4vlm.Settings(lora_vision=True)
+    assert set(ppo.add_lora(model, 2, 4.0, 0.0, rl4vlm.lora_targets(model, s))) == in_text | in_vision
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    s = rl4vlm.Settings(lora_targets=r"q_proj$")  # an explicit regex wins
+    assert all(n.endswith("q_proj") for n in ppo.add_lora(model, 2, 4.0, 0.0, rl4vlm.lora_targets(model, s)))
+
+
+def test_each_family_rollout_logprobs_and_values_equal_a_full_forward(folder):
+    """The training forward sees what generation saw: per-token extras (Gemma3's
+    token_type_ids), positions and image inputs, for a left-padded batch."""
+    s, model, processor, value_head = load(folder, max_new_tokens=8, temperature=0.7)
+    task = envs.get_task("numberline")
+    obs, infos = states(3)
+    suppress = rl4vlm.suppressed_ids(model, processor)
+    torch.manual_seed(0)
+    samples, _ = rl4vlm.act(model, value_head, processor, task, obs, infos, s, suppress, np.random.default_rng(0))
+    # a shorter prompt, so that the batch has padding
+    samples[1]["prompt"] = rl4vlm.encode_prompts(processor, obs[1:2], ["a shorter prompt"], "cpu")[0]
+    with torch.no_grad():
+        prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)
+        logprobs, values, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+        for i in (0, 2):
+            assert abs(float((logprobs[i] * weights[i]).sum()) - samples[i]["logprob"]) < 1e-5
+            assert abs(float(values[i]) - samples[i]["value"]) < 1e-5
+        alone = rl4vlm.forward(model, value_head, *rl4vlm.collate(samples[1:2], processor.tokenizer.pad_token_id)[:3],
+                               s.temperature, suppress)
+        n = len(samples[1]["gen_ids"])
+        assert torch.allclose(logprobs[1, :n], alone[0][0], atol=1e-5)
+        assert torch.allclose(values[1], alone[1][0], atol=1e-5)
+
+
+def test_one_bos_whether_the_template_or_the_tokenizer_writes_it(folder):
+    _, processor = rl4vlm.load_policy(str(folder), "cpu")
+    assert processor.tokenizer.pad_token is not None  # LLaVA's has none and pads with EOS
+    obs, infos = states(1)
+    ids = rl4vlm.encode_prompts(processor, obs, [envs.get_task("numberline").prompt(infos[0], True)], "cpu")
+    ids = ids[0]["input_ids"][0].tolist()
+    bos = processor.tokenizer.bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1, processor.tokenizer.decode(ids)
+
+
+def ppo_step(model, processor, value_head, s, samples, lr=1e-2):
+    """One PPO update of one epoch over `samples` (one step: advantages +1, -1, ...)."""
+    params = ppo.lora_parameters(model) + list(value_head.parameters())
+    n = len(samples)
+    advantages = torch.tensor([[(-1.0) ** k for k in range(n)]])
+    s = rl4vlm.Settings(**{**vars(s), "update_epochs": 1, "minibatch_size": n, "micro_batch": 2})
+    return rl4vlm.ppo_update(model, value_head, torch.optim.AdamW(params, lr=lr), params, samples, advantages,
+                             advantages.clone(), s, rl4vlm.suppressed_ids(model, processor),
+                             processor.tokenizer.pad_token_id, np.random.default_rng(0))
+
+
+def test_a_ppo_step_changes_only_lora_and_value_head_weights(folder):
+    s, model, processor, value_head = load(folder, max_new_tokens=8)
+    obs, infos = states(4)
+    samples, _ = rl4vlm.act(model, value_head, processor, envs.get_task("numberline"), obs, infos, s,
+                            rl4vlm.suppressed_ids(model, processor), np.random.default_rng(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head_before = {k: v.clone() for k, v in value_head.state_dict().items()}
+    stats = ppo_step(model, processor, value_head, s, samples)
+    assert np.isfinite(stats["policy_loss"]) and np.isfinite(stats["value_loss"])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lora = {k for k in before if ".lora_A." in k or ".lora_B." in k}
+    assert changed and changed <= lora, f"base weights changed: {sorted(changed - lora)[:5]}"
+    assert all(not torch.equal(v, value_head.state_dict()[k]) for k, v in head_before.items())
+
+
+@pytest.fixture
+def llava(tmp_path):
+    path = tmp_path / "llava"
+    torch.manual_seed(0)
+    model, processor = build_llava(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_bfloat16_weights_with_float32_log_probs_values_and_ppo(llava):
+    s, model, processor, value_head = load(llava, dtype="bfloat16", max_new_tokens=8, num_envs=2, num_steps=2)
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert {p.dtype for p in base} == {torch.bfloat16}
+    assert {p.dtype for p in ppo.lora_parameters(model) + list(value_head.parameters())} == {torch.float32}
+    task = envs.get_task("numberline")
+    pool = rl4vlm.EnvPool(task.env_id, s.num_envs, first_seed=0)
+    suppress = rl4vlm.suppressed_ids(model, processor)
+    samples, (_, values, next_values, _, _), _ = rl4vlm.rollout(
+        model, value_head, processor, task, pool, s, suppress, np.random.default_rng(0))
+    assert values.dtype == next_values.dtype == torch.float32 and torch.isfinite(next_values).all()
+    with torch.no_grad():
+        prompt, gen_ids, gen_mask, _ = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)
+        logprobs, v, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+    assert logprobs.dtype == v.dtype == torch.float32
+    assert all(np.isfinite(x["logprob"]) for x in samples)
+    stats = ppo_step(model, processor, value_head, s, samples)
+    assert np.isfinite(stats["policy_loss"]) and np.isfinite(stats["grad_norm"])
+
+
+def test_grad_checkpointing_gives_the_same_gradients(llava):
+    s, model, processor, value_head = load(llava, max_new_tokens=8)
+    obs, infos = states(2)
+    suppress = rl4vlm.suppressed_ids(model, processor)
+    samples, _ = rl4vlm.act(model, value_head, processor, envs.get_task("numberline"), obs, infos, s, suppress,
+                            np.random.default_rng(0))
+    batch = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)[:3]
+
+    def gradients():
+        model.train()
+        model.zero_grad()
+        logprobs, values, _ = rl4vlm.forward(model, value_head, *batch, s.temperature, suppress)
+        (logprobs.sum() + values.sum()).backward()
+        return [p.grad.clone() for p in ppo.lora_parameters(model)]
+    calls = []
+    model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    plain = gradients()
+    assert len(calls) == 1
+    model.activation_checkpointing_enable()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, gradients()))
+    assert len(calls) == 3, "with checkpointing the layer runs again in the backward pass"
+
+
+def write_sft_data(folder, n=4):
+    """A JSONL of n expert answers for NumberLine states, pictures saved beside it."""
+    task = envs.get_task("numberline")
+    obs, infos = states(n, seed=100)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, (image, info) in enumerate(zip(obs, infos)):
+        Image.fromarray(image).save(folder / f"{k}.png")
+        lines.append(json.dumps({"image": f"{k}.png", "prompt": task.prompt(info, True),
+                                 "answer": task.answer(info, task.expert(info), True)}))
+    (folder / "sft.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "sft.jsonl"
+
+
+def test_warm_start_from_an_sft_data_file(llava, tmp_path):
+    data = write_sft_data(tmp_path / "data")
+    rl4vlm.main(fast_args(llava, tmp_path, "--sft-data", str(data), "--run-name", "sft"))
+    warm, = (tmp_path / "cache").glob("sft-*")
+    info = json.loads((warm / "warm_start.json").read_text())
+    assert info["sft_data"] and info["aux"] is False and info["step"] == 2
+
+
+def test_sft_steps_0_starts_rl_from_the_model_itself(llava, tmp_path):
+    results = rl4vlm.main(fast_args(llava, tmp_path, "--sft-steps", "0", "--run-name", "no-sft"))
+    assert set(results) == {"warm_start", "rl"} and not list((tmp_path / "cache").glob("sft-*"))
+
+
+@pytest.mark.parametrize("line, message", [
+    (None, "no such file"),
+    ("not json", "line 2 is not JSON"),
+    ('{"image": "0.png", "prompt": "p"}', 'line 2 needs the strings "image", "prompt" and "answer"'),
+    ('{"image": "missing.png", "prompt": "p", "answer": "a"}', "line 2: no image"),
+])
+def test_bad_sft_data_is_rejected_with_one_line(tmp_path, line, message):
+    data = write_sft_data(tmp_path, n=1)
+    if line is None:
+        data = tmp_path / "missing.jsonl"
+    else:
+        data.write_text(data.read_text() + line + "\n")
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.parse_settings(["--sft-data", str(data)])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtype", "float64"], "--dtype must be float32, bfloat16 or float16"),
+    (["--aux-loss", "on", "--sft-data", "SFT"], "--aux-loss on needs the env's labels"),
+])
+def test_bad_model_settings_are_rejected(tmp_path, argv, message):
+    argv = [str(write_sft_data(tmp_path, n=1)) if a == "SFT" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.parse_settings(argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_model_without_a_chat_template_is_rejected(llava):
+    (llava / "chat_template.jinja").unlink()
+    with pytest.raises(SystemExit, match="has no chat template"):
+        rl4vlm.load_policy(str(llava), "cpu")
+
+
+class Qwen2VLStandIn:
+    """What Qwen2VLProcessor does for one image per text (the class itself cannot be built here)."""
+    def __init__(self, image_processor, tokenizer, chat_template):
+        self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
+
+    def apply_chat_template(self, conversation, **kwargs):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
+
+    def __call__(self, images, text, return_tensors, add_special_tokens=True):
+        pixels = self.image_processor(images=images, return_tensors=return_tensors)  # pixel_values (patches, 3*2*8*8)
+        n = int(pixels["image_grid_thw"][0].prod()) // self.image_processor.merge_size ** 2
+        enc = self.tokenizer([t.replace("<|image_pad|>", "<|image_pad|>" * n) for t in text],
+                             return_tensors=return_tensors, add_special_tokens=add_special_tokens)
+        enc["mm_token_type_ids"] = (enc["input_ids"] == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()
+        return {**enc, **pixels}
+
+
+def test_qwen2_vl_log_probs_and_a_ppo_step():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                         "<|image_pad|>", "<|video_pad|>"], pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = Qwen2VLStandIn(Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2,
+                                                        temporal_patch_size=2), tok, template)
+    config = Qwen2VLConfig(
+        text_config=dict(**TINY, num_key_value_heads=1, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    s = rl4vlm.with_task_defaults(rl4vlm.Settings(max_new_tokens=8, temperature=0.7), envs.get_task("numberline"))
+    assert rl4vlm.lora_targets(model, s) == r"^(model\.language_model\.)"
+    ppo.add_lora(model, 4, 8.0, 0.0, rl4vlm.lora_targets(model, s))
+    for _, m in ppo.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    model.eval()
+    value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
+    obs, infos = states(4)
+    suppress = rl4vlm.suppressed_ids(model, processor)
+    samples, _ = rl4vlm.act(model, value_head, processor, envs.get_task("numberline"), obs, infos, s, suppress,
+                            np.random.default_rng(0))
+    samples[1]["prompt"] = rl4vlm.encode_prompts(processor, obs[1:2], ["short"], "cpu")[0]  # padding in the batch
+    with torch.no_grad():
+        prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, tok.pad_token_id)
+        logprobs, values, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+    # 1-D positions instead of the 3-D ones would be off by about 1e-4 here
+    for i in (0, 2, 3):
+        assert abs(float((logprobs[i] * weights[i]).sum()) - samples[i]["logprob"]) < 1e-5
+        assert abs(float(values[i]) - samples[i]["value"]) < 1e-5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ppo_step(model, processor, value_head, s, samples)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed)
+
+
+def test_pictures_with_different_crop_counts_batch_as_each_alone(tmp_path):
+    """Idefics3 splits a picture into crops by its shape: a batch zero-pads the crop dimension
+    (the model drops all-zero crops) and gives each sample what it gets alone."""
+    from transformers import Idefics3ImageProcessorPil
+    torch.manual_seed(0)
+    model, processor = build_idefics3(tmp_path)
+    processor.image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                                          do_image_splitting=True)
+    model.eval()
+    value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), rng.integers(0, 256, (20, 60, 3), dtype=np.uint8)]
+    rows = rl4vlm.encode_prompts(processor, pictures, ["square", "wide"], "cpu")
+    assert [r["pixel_values"].shape[1] for r in rows] == [5, 3]  # 4 crops + the whole, 2 crops + the whole
+    gen_ids = torch.tensor(processor.tokenizer([' {"action": "+"}', ' {"action": "-"}'], add_special_tokens=False)["input_ids"])
+    gen_mask = torch.ones_like(gen_ids, dtype=torch.bool)
+    with torch.no_grad():
+        batch = rl4vlm.forward(model, value_head, rl4vlm.pad_prompts(rows, processor.tokenizer.pad_token_id),
+                               gen_ids, gen_mask, 1.0, [])
+        for i, row in enumerate(rows):
+            alone = rl4vlm.forward(model, value_head, row, gen_ids[i:i + 1], gen_mask[i:i + 1], 1.0, [])
+            assert torch.allclose(batch[0][i], alone[0][0], atol=1e-5)
+            assert torch.allclose(batch[1][i], alone[1][0], atol=1e-5)
