@@ -505,12 +505,13 @@ def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict
             actions = [int(rng.integers(len(task.actions))) if a is None else a for a in actions]
             prompts = [task.prompt(info, s.cot) for info in infos]
             answers = [task.answer(i, a, s.cot) for i, a in zip(infos, actions)]
-        prompt = pad_prompts(encode_prompts(processor, images, prompts, s.device), tokenizer.pad_token_id)
         answers = [tokenizer(answer_text(processor, p, a, stops), add_special_tokens=False)["input_ids"]
                    for p, a in zip(prompts, answers)]
-        G = max(map(len, answers))
-        gen_ids = torch.tensor([a + [tokenizer.pad_token_id] * (G - len(a)) for a in answers], device=s.device)
-        gen_mask = torch.tensor([[j < len(a) for j in range(G)] for a in answers], device=s.device)
+        # the same batch layout as the PPO update: left-padded prompts, right-padded answers
+        prompt, gen_ids, gen_mask, _ = collate(
+            [dict(prompt=row, gen_ids=torch.tensor(a), weights=torch.ones(len(a)))
+             for row, a in zip(encode_prompts(processor, images, prompts, s.device), answers)], tokenizer.pad_token_id)
+        gen_ids, gen_mask = gen_ids.to(s.device), gen_mask.to(s.device)
         logprobs, _, out = forward(model, None, prompt, gen_ids, gen_mask, 1.0, [])
         loss = lm_loss = -logprobs.sum() / gen_mask.sum()
         if heads:
@@ -686,6 +687,7 @@ def ppo_update(model, value_head, optimizer, params, samples, advantages, return
                     raise FloatingPointError(f"PPO loss is {loss.item()} (epoch {epoch}, stats {stats}); "
                                              "the last checkpoint is untouched")
                 (loss * len(micro) / len(mb)).backward()
+                stats.pop("explained_variance")  # of the whole batch, computed once below
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v * len(micro)
                 count += len(micro)
@@ -884,9 +886,7 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
     results["rl"] = evaluate(model, value_head, processor, task, s, suppress, log, "after RL")
     if is_main:
         write_text_atomically(results_path, json.dumps(results, indent=1))
-        history = [json.loads(l) for l in metrics_path.read_text().splitlines()]
-        plot_curves(run_dir / "curve.png", {task.env_id: ([h["env_steps"] for h in history],
-                                                          [h["success"] for h in history])}, task.env_id)
+        plot_curves(run_dir / "curve.png", {task.env_id: curve(run_dir)}, task.env_id)
         table = results_table(task, results)
         (run_dir / "results.md").write_text(table + "\n")
         log(table)
