@@ -1,21 +1,27 @@
-"""Rollout and update speed of rl4vlm on the built-in model, against a paper-style loop.
+"""Speed of rl4vlm on the built-in model, against a paper-style loop; checks that say PASS or FAIL.
 
-    python bench.py                 # table on stdout, numbers in bench.json
+    python bench.py                 # tables on stdout, numbers in bench.json; exit 1 if a check fails
 
-Measures, in one process: env steps per second of our batched rollout at 1, 8 and 32 envs and
-of a paper-style loop (one env at a time: generate, then a second full forward pass for the
-log-probs and the value, as the official code does); PPO update samples per second; where
-rollout time goes (image processing, generation, log-probs, parsing, env stepping); the largest
-difference between the log-probs and values our rollout keeps from its own generation pass and
-a separate full forward; and this process's peak resident memory. The model is the
-warm-started built-in NumberLine policy (cached in .cache, made on first use).
+Measures, in one process (the warm-started built-in NumberLine policy, cached in .cache):
+- env steps per second of our batched rollout (1, 8, 32 envs) and of a paper-style loop at 32
+  envs: one env at a time, every picture drawn afresh, the processor run on every prompt, then a
+  second full forward for the log-probs and the value, as the official code does;
+- where our 32-env rollout spends its time (each second counted once, in the innermost part);
+- an env step of ours against an env that draws every picture afresh, on each task;
+- PPO update samples per second at several micro-batch sizes, and evaluation episodes per second
+  at several numbers of envs in parallel;
+- the log-probs and values the rollout keeps from generation against a separate full forward;
+- this process's peak resident memory.
 """
 import argparse
 import json
 import resource
+import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -25,28 +31,67 @@ import ppo
 import rl4vlm
 
 
-def timed(fn, totals, key):
-    """fn, with the seconds it spends added to totals[key]."""
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            totals[key] += time.perf_counter() - t0
-    return wrapper
+class Profile:
+    """Seconds per part, each second counted once: while a wrapped function runs inside another,
+    the outer one's clock stops."""
+
+    def __init__(self):
+        self.seconds, self.stack = defaultdict(float), []
+
+    def wrap(self, fn, part):
+        def timed(*args, **kwargs):
+            self.pause()
+            self.stack.append([part, time.perf_counter()])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.pause()
+                self.stack.pop()
+                if self.stack:
+                    self.stack[-1][1] = time.perf_counter()
+        return timed
+
+    def pause(self):
+        if self.stack:
+            part, start = self.stack[-1]
+            self.seconds[part] += time.perf_counter() - start
+
+
+def drawing_afresh(pool):
+    """The pool's envs draw every picture anew, as environments without a picture cache do."""
+    for env in pool.envs:
+        env.unwrapped.render = lambda env=env.unwrapped: np.asarray(env.draw())
+    pool.obs = [env.unwrapped.render() for env in pool.envs]
+    return pool
 
 
 def paper_style_rollout(model, value_head, processor, task, pool, s, suppress, rng, steps):
-    """One env at a time; after generating, a second full forward gives log-probs and value."""
+    """One env at a time, no caches; after generating, a second full forward gives log-probs and value."""
     pad = processor.tokenizer.pad_token_id
+    cached, rl4vlm.encode_prompts = rl4vlm.encode_prompts, lambda processor, images, prompts, device: [
+        rl4vlm.encode_prompt(processor, image, prompt, device) for image, prompt in zip(images, prompts)]
+    try:
+        for _ in range(steps):
+            for i in range(len(pool.envs)):
+                samples, actions = rl4vlm.act(model, value_head, processor, task, [pool.obs[i]], [pool.infos[i]],
+                                              s, suppress, rng)
+                with torch.no_grad():
+                    prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, pad)
+                    rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+                pool.step(i, actions[0])
+    finally:
+        rl4vlm.encode_prompts = cached
+
+
+def env_step_seconds(env, steps, rng):
+    """Seconds per step (resets included) of random play."""
+    env.reset(seed=0)
+    t0 = time.perf_counter()
     for _ in range(steps):
-        for i in range(len(pool.envs)):
-            samples, actions = rl4vlm.act(model, value_head, processor, task, [pool.obs[i]], [pool.infos[i]],
-                                          s, suppress, rng)
-            with torch.no_grad():
-                prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, pad)
-                rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
-            pool.step(i, actions[0])
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        if terminated or truncated:
+            env.reset()
+    return (time.perf_counter() - t0) / steps
 
 
 def main():
@@ -66,37 +111,39 @@ def main():
     value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
     suppress = rl4vlm.suppressed_ids(model, processor)
 
-    def median_rate(run, env_steps):
+    def median_rate(run, count):
         rates = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             run()
-            rates.append(env_steps / (time.perf_counter() - t0))
+            rates.append(count / (time.perf_counter() - t0))
         return float(np.median(rates))
 
-    rows = {}
+    # rollouts; a warm-up rollout first fills the caches, as the first update of a run does
+    rollout_rates = {}
     for n in (1, 8, 32):
-        ss = rl4vlm.Settings(**{**vars(s), "num_envs": n, "num_steps": args.steps})
+        ss = replace(s, num_envs=n, num_steps=args.steps)
         pool = rl4vlm.EnvPool(task.env_id, n, first_seed=0)
-        rows[f"ours, {n} envs"] = median_rate(
+        rl4vlm.rollout(model, value_head, processor, task, pool, ss, suppress, rng)
+        rollout_rates[f"ours, {n} envs"] = median_rate(
             lambda: rl4vlm.rollout(model, value_head, processor, task, pool, ss, suppress, rng), n * args.steps)
-    for n in (1, 32):  # the paper's loop does one env at a time, so its rate does not grow with envs
-        ss = rl4vlm.Settings(**{**vars(s), "num_envs": n})
-        pool = rl4vlm.EnvPool(task.env_id, n, first_seed=0)
-        steps = max(1, args.steps * 8 // n)
-        rows[f"paper-style, {n} envs"] = median_rate(
-            lambda: paper_style_rollout(model, value_head, processor, task, pool, ss, suppress, rng, steps), n * steps)
+    pool = drawing_afresh(rl4vlm.EnvPool(task.env_id, 32, first_seed=0))
+    steps = max(1, args.steps // 4)  # its rate does not grow with steps or envs
+    rollout_rates["paper-style, 32 envs"] = median_rate(
+        lambda: paper_style_rollout(model, value_head, processor, task, pool, replace(s, num_envs=32), suppress, rng,
+                                    steps), 32 * steps)
+    speedup = rollout_rates["ours, 32 envs"] / rollout_rates["paper-style, 32 envs"]
 
-    # where rollout time goes, at 32 envs
-    totals = defaultdict(float)
-    patches = [(rl4vlm, "encode_prompts", "image processing + tokenizing"), (rl4vlm, "token_logprobs", "log-probs"),
-               (parse, "parse_action", "parsing"), (rl4vlm, "token_weights", "parsing"),
-               (rl4vlm.EnvPool, "step", "env stepping"), (rl4vlm, "prompt_values", "bootstrap values")]
-    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    for obj, name, key in patches:
-        setattr(obj, name, timed(getattr(obj, name), totals, key))
-    model.generate = timed(model.generate, totals, "generation")
-    ss = rl4vlm.Settings(**{**vars(s), "num_envs": 32, "num_steps": args.steps})
+    # where our rollout's time goes, at 32 envs
+    profile = Profile()
+    parts = [(rl4vlm, "encode_prompts", "image processing + tokenizing"), (rl4vlm, "token_logprobs", "log-probs"),
+             (parse, "parse_action", "parsing"), (rl4vlm, "token_weights", "parsing"),
+             (rl4vlm.EnvPool, "step", "env stepping"), (rl4vlm, "prompt_values", "bootstrap values")]
+    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in parts]
+    for obj, name, part in parts:
+        setattr(obj, name, profile.wrap(getattr(obj, name), part))
+    model.generate = profile.wrap(model.generate, "generation")
+    ss = replace(s, num_envs=32, num_steps=args.steps)
     pool = rl4vlm.EnvPool(task.env_id, 32, first_seed=0)
     t0 = time.perf_counter()
     samples, (rewards, values, next_values, terminated, truncated), _ = rl4vlm.rollout(
@@ -105,10 +152,18 @@ def main():
     for obj, name, fn in originals:
         setattr(obj, name, fn)
     del model.generate
-    shares = {k: v / total for k, v in totals.items()}
-    shares["other"] = 1 - sum(shares.values())
+    shares = {part: seconds / total for part, seconds in profile.seconds.items()}
+    shares["other (Python glue, padding, tensors)"] = 1 - sum(shares.values())
 
-    # the shortcut: log-probs and values kept from generation vs a separate full forward
+    # an env step: ours against drawing every picture afresh, random play
+    env_ms = {}
+    for t in envs.TASKS.values():
+        ours, fresh = gym.make(t.env_id), drawing_afresh(rl4vlm.EnvPool(t.env_id, 1, first_seed=0)).envs[0]
+        env_step_seconds(ours, 2000, np.random.default_rng(0))  # warm-up: fill the caches
+        env_ms[t.name] = dict(ours=1e3 * env_step_seconds(ours, 2000, np.random.default_rng(1)),
+                              fresh=1e3 * env_step_seconds(fresh, 200, np.random.default_rng(1)))
+
+    # the shortcut: log-probs and values kept from generation against a separate full forward
     pad = processor.tokenizer.pad_token_id
     diff_logprob = diff_value = 0.0
     with torch.no_grad():
@@ -119,29 +174,57 @@ def main():
             diff_logprob = max(diff_logprob, float(((logprobs * weights).sum(1) - torch.tensor([x["logprob"] for x in batch])).abs().max()))
             diff_value = max(diff_value, float((v - torch.tensor([x["value"] for x in batch])).abs().max()))
 
-    # PPO update: one epoch over the rollout's samples
+    # PPO update, one epoch over the rollout's samples, at several micro-batch sizes
     advantages, returns = ppo.compute_gae(rewards, values, next_values, terminated, truncated, s.gamma, s.gae_lambda)
     params = ppo.lora_parameters(model) + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=s.lr)
-    us = rl4vlm.Settings(**{**vars(s), "update_epochs": 1})
-    update_rate = median_rate(lambda: rl4vlm.ppo_update(model, value_head, optimizer, params, samples, advantages,
-                                                        returns, us, suppress, pad, rng), len(samples))
+    optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: every measurement sees the same weights
+    update_rates = {}
+    for micro in (8, 16, 32, 64, 128):
+        us = replace(s, update_epochs=1, micro_batch=micro)
+        update_rates[micro] = median_rate(lambda: rl4vlm.ppo_update(model, value_head, optimizer, params, samples,
+                                                                    advantages, returns, us, suppress, pad, rng), len(samples))
+
+    # evaluation: the training batch against the evaluation default
+    eval_rates = {}
+    for n in sorted({s.num_envs, 64, 128, 256, s.eval_envs}):
+        es = replace(s, eval_envs=n, eval_episodes=256)
+        eval_rates[n] = median_rate(lambda: rl4vlm.evaluate(model, value_head, processor, task, es, suppress,
+                                                            lambda *a: None, ""), es.eval_episodes)
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = dict(env_steps_per_second=rows, speedup_32_envs=rows["ours, 32 envs"] / rows["paper-style, 32 envs"],
-                  rollout_time_shares=shares, ppo_update_samples_per_second=update_rate,
-                  max_abs_diff_logprob=diff_logprob, max_abs_diff_value=diff_value, peak_rss_mb=peak_mb,
-                  threads=torch.get_num_threads(), steps=args.steps, repeats=args.repeats)
+    # Generation's cached pass and a full pass round differently in float32 (about 2.5e-6 in logit
+    # units); temperature 0.2 multiplies that by 5 and a sum over about 10 tokens by up to 10 more.
+    # A real mismatch (a shifted position, a missing mask) is 1e-1 or more.
+    checks = {"rollout at 32 envs >= 10x the paper-style loop": speedup >= 10,
+              **{f"{name} env step >= 50x drawing afresh": ms["fresh"] / ms["ours"] >= 50 for name, ms in env_ms.items()},
+              "kept log pi within 1e-4 of a full forward": diff_logprob < 1e-4,
+              "kept value within 1e-5 of a full forward": diff_value < 1e-5}
+    result = dict(env_steps_per_second=rollout_rates, speedup_32_envs=speedup, rollout_time_shares=shares,
+                  env_step_ms=env_ms, ppo_update_samples_per_second_by_micro_batch=update_rates,
+                  eval_episodes_per_second_by_envs=eval_rates, max_abs_diff_logprob=diff_logprob,
+                  max_abs_diff_value=diff_value, peak_rss_mb=peak_mb, threads=torch.get_num_threads(),
+                  steps=args.steps, repeats=args.repeats, checks=checks)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+
     print(f"\n| rollout | env steps / s (median of {args.repeats}) |\n|---|---|")
-    for name, rate in rows.items():
+    for name, rate in rollout_rates.items():
         print(f"| {name} | {rate:.1f} |")
-    print(f"\nours at 32 envs / paper-style: {result['speedup_32_envs']:.1f}x")
-    print(f"PPO update: {update_rate:.1f} samples / s (one epoch, minibatch {s.minibatch_size}, micro-batch {s.micro_batch})")
-    print("rollout time at 32 envs: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
-    print(f"kept vs full forward: log-prob {diff_logprob:.2e}, value {diff_value:.2e} (must be < 1e-5)")
-    print(f"peak resident memory of this process: {peak_mb:.0f} MB; threads {torch.get_num_threads()}; written {args.out}")
+    print(f"\nours at 32 envs / paper-style: {speedup:.1f}x")
+    print("our rollout's time at 32 envs: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+          + f" (sum {100 * sum(shares.values()):.0f}%)")
+    print("\n| task | env step, ours (ms) | drawing afresh (ms) | ratio |\n|---|---|---|---|")
+    for name, ms in env_ms.items():
+        print(f"| {name} | {ms['ours']:.4f} | {ms['fresh']:.3f} | {ms['fresh'] / ms['ours']:.0f}x |")
+    print("\nPPO update, one epoch, samples / s by micro-batch: "
+          + ", ".join(f"{m}: {r:.0f}" for m, r in update_rates.items()) + f" (default {s.micro_batch})")
+    print("evaluation, episodes / s by envs in parallel: " + ", ".join(f"{n}: {r:.1f}" for n, r in eval_rates.items())
+          + f" (default {s.eval_envs})")
+    print(f"kept vs full forward: log pi {diff_logprob:.2e}, value {diff_value:.2e}")
+    print(f"peak resident memory of this process: {peak_mb:.0f} MB; threads {torch.get_num_threads()}; written {args.out}\n")
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    sys.exit(0 if all(checks.values()) else 1)
 
 
 if __name__ == "__main__":

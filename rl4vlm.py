@@ -46,6 +46,8 @@ import re
 import shutil
 import sys
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -119,7 +121,8 @@ class Settings:
     ablations: bool = _opt(False, "run the chain-of-thought ablation on --env's tasks and a lambda sweep on NumberLine")
     # evaluation and checkpoints
     eval_episodes: int = _opt(500, "held-out episodes per evaluation")
-    checkpoint_every: int = _opt(1, "updates between checkpoints")
+    eval_envs: int = _opt(256, "environments stepped in parallel while evaluating (no gradients: larger batches pay)")
+    checkpoint_every: int = _opt(5, "updates between checkpoints (and one after the last)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +151,7 @@ def check_settings(s: Settings) -> None:
     if s.env != SUITE:
         envs.get_task(s.env)  # ValueError lists the tasks
     positive = ["num_envs", "num_steps", "total_steps", "update_epochs", "minibatch_size", "micro_batch",
-                "max_new_tokens", "lora_rank", "sft_batch", "eval_episodes", "checkpoint_every", "temperature",
+                "max_new_tokens", "lora_rank", "sft_batch", "eval_episodes", "eval_envs", "checkpoint_every", "temperature",
                 "lr", "sft_lr", "clip_coef", "max_grad_norm", "lora_alpha"]
     for name in positive:
         value = getattr(s, name)
@@ -318,19 +321,53 @@ def suppressed_ids(model, processor) -> list[int]:
 # ----------------------------------------------------------------------------------------
 # Prompts, generation and log-probs.
 
+def encode_prompt(processor, image, prompt: str, device) -> dict:
+    """A chat-formatted prompt with the processor's image inputs, batch dimension 1, so that
+    every model's image inputs stay per sample whatever their layout."""
+    bos = processor.tokenizer.bos_token
+    chat = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        add_generation_prompt=True, tokenize=False)
+    # a template that writes BOS itself gets no second one from the tokenizer (as in transformers)
+    enc = processor(images=[Image.fromarray(image)], text=[chat], return_tensors="pt",
+                    add_special_tokens=not (bos and chat.startswith(bos)))
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+class TensorCache:
+    """Rows of tensors by key, least recently used out first beyond max_bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.rows, self.bytes, self.max_bytes = OrderedDict(), 0, max_bytes
+
+    def get(self, key, make):
+        if key in self.rows:
+            self.rows.move_to_end(key)
+            return self.rows[key]
+        row = self.rows[key] = make()
+        self.bytes += self.size(row)
+        while self.bytes > self.max_bytes and len(self.rows) > 1:
+            self.bytes -= self.size(self.rows.popitem(last=False)[1])
+        return row
+
+    @staticmethod
+    def size(row: dict) -> int:
+        return sum(v.nelement() * v.element_size() for v in row.values())
+
+
+# The processor's work (resizing the picture, the chat template, tokenizing) is done once per
+# distinct (picture, prompt) pair: states repeat (NumberLine has 36), and so do their pictures.
+PROMPT_CACHE_BYTES = 256 * 2**20
+_prompt_caches = weakref.WeakKeyDictionary()  # processor -> TensorCache
+
+
 def encode_prompts(processor, images, prompts: list[str], device) -> list[dict]:
-    """Chat-formatted prompts with the processor's image inputs, one dict per sample (batch
-    dimension 1), so that every model's image inputs stay per sample whatever their layout."""
-    rows, bos = [], processor.tokenizer.bos_token
-    for image, prompt in zip(images, prompts):
-        chat = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-            add_generation_prompt=True, tokenize=False)
-        # a template that writes BOS itself gets no second one from the tokenizer (as in transformers)
-        enc = processor(images=[Image.fromarray(image)], text=[chat], return_tensors="pt",
-                        add_special_tokens=not (bos and chat.startswith(bos)))
-        rows.append({k: v.to(device) for k, v in enc.items()})
-    return rows
+    """encode_prompt for each (picture, prompt) pair, from the cache when the pair came before.
+    The rows are shared, so nothing may change them in place."""
+    cache = _prompt_caches.setdefault(processor, TensorCache(PROMPT_CACHE_BYTES))
+    return [cache.get((hashlib.sha1(np.ascontiguousarray(image)).digest(), image.shape, prompt, str(device)),
+                      lambda: encode_prompt(processor, image, prompt, device))
+            for image, prompt in zip(images, prompts)]
 
 
 def pad_prompts(rows: list[dict], pad_id: int) -> dict:
@@ -373,9 +410,11 @@ def forward(model, value_head, prompt: dict, gen_ids, gen_mask, temperature, sup
              for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
     # the positions generate() uses: from the left padding on, 3-D for Qwen2-VL's multimodal RoPE
     positions = model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
+    # logits only at the G + 1 last positions: P - 1 .. P + G - 2 predict the answer's tokens, and
+    # the LM head over the prompt would be wasted work (half the compute of a small model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
-                use_cache=False, **extra)
-    logprobs = token_logprobs(out.logits[:, P - 1:-1], gen_ids, temperature, suppress).where(gen_mask, 0.0)
+                use_cache=False, logits_to_keep=G + 1, **extra)
+    logprobs = token_logprobs(out.logits[:, :-1], gen_ids, temperature, suppress).where(gen_mask, 0.0)
     values = value_head(out.hidden_states[-1][:, P - 1]) if value_head is not None else None
     return logprobs, values, out
 
@@ -384,11 +423,19 @@ def token_weights(tokenizer, gen_ids: list[int], span, thought_coef: float) -> l
     """Weight of each generated token in log pi(a|s): thought_coef before the action value,
     1 from the token holding its first character on. The split comes from character offsets
     of the decoded text (the same text parse.py read), never from token ids.
-    span: parse.py's (start, end) of the action value, or None (then all tokens are thought)."""
+    span: parse.py's (start, end) of the action value, or None (then all tokens are thought).
+    The first action token is the first i whose decoded prefix gen_ids[:i + 1] reaches past
+    span[0]; prefixes only grow, so a bisection finds it with log2(len) decodes, not len."""
     if span is None:
         return [thought_coef] * len(gen_ids)
-    ends = [len(tokenizer.decode(gen_ids[:i + 1], skip_special_tokens=True)) for i in range(len(gen_ids))]
-    return [thought_coef if end <= span[0] else 1.0 for end in ends]
+    lo, hi = 0, len(gen_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(gen_ids[:mid + 1], skip_special_tokens=True)) > span[0]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return [thought_coef] * lo + [1.0] * (len(gen_ids) - lo)
 
 
 @torch.no_grad()
@@ -439,7 +486,8 @@ def collate(samples: list[dict], pad_id: int) -> tuple[dict, torch.Tensor, torch
 
 class EnvPool:
     def __init__(self, env_id: str, num_envs: int, first_seed: int):
-        self.envs = [gym.make(env_id) for _ in range(num_envs)]
+        # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
+        self.envs = [gym.make(env_id, disable_env_checker=True) for _ in range(num_envs)]
         self.next_seed = first_seed
         self.obs, self.infos = [None] * num_envs, [None] * num_envs
         self.returns = np.zeros(num_envs)
@@ -463,6 +511,13 @@ class EnvPool:
         else:
             self.obs[i], self.infos[i] = obs, info
         return reward, terminated, truncated, ended
+
+    def __getstate__(self):  # a checkpoint keeps the envs' states, not their 32 pictures
+        return {**self.__dict__, "obs": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.obs = [env.unwrapped.render() for env in self.envs]
 
 
 # ----------------------------------------------------------------------------------------
@@ -712,7 +767,7 @@ def evaluate(model, value_head, processor, task, s: Settings, suppress, log, lab
     """s.eval_episodes episodes with held-out seeds (disjoint from training's), sampled as in
     training. Runs in its own RNG streams, so it does not move the training ones."""
     n, first_seed = s.eval_episodes, 10**9 + s.seed * 10**6
-    pool = EnvPool(task.env_id, min(s.num_envs, n), first_seed)
+    pool = EnvPool(task.env_id, min(s.eval_envs, n), first_seed)
     active, started = [True] * len(pool.envs), len(pool.envs)
     returns, format_ok, t0 = [], [], time.time()
     last_log = t0

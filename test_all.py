@@ -106,6 +106,56 @@ def test_info_is_a_snapshot(env_id):
     assert json.dumps(info) == before, "a stored info changed when the env moved on"
 
 
+def random_play_states(env_id, steps, seed=0):
+    """The bare env after each of `steps` random actions (new episodes as needed), as (env, sprites) pairs."""
+    env = gym.make(env_id).unwrapped
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(len(env.actions))))
+        if terminated or truncated:
+            env.reset()
+        yield env
+
+
+def test_cached_picture_equals_a_fresh_drawing_for_every_number_line_state():
+    env = make("gym_cards/NumberLine-v0")
+    for position in range(6):
+        for target in range(6):
+            env.position, env.target = position, target
+            assert np.array_equal(env.render(), np.asarray(env.draw())), (position, target)
+
+
+@pytest.mark.parametrize("env_id", IDS[1:])
+def test_cached_picture_equals_a_fresh_drawing_on_random_play(env_id):
+    envs.tile.cache_clear()
+    pictures = 0
+    for env in random_play_states(env_id, 150):
+        assert np.array_equal(env.render(), np.asarray(env.draw())), env.info()
+        pictures += 1
+    # and a wide formula (Points) or a second row of cards (Blackjack), where layouts wrap
+    env = make(env_id)
+    if env_id.endswith("Blackjack-v0"):
+        env.player = [1, 2, 3, 4, 5, 6, 7]
+    else:
+        env.formula = ["10", "*", "(", "10", " ", "/"] * (env.max_entries // 6 + 1)
+    assert np.array_equal(env.render(), np.asarray(env.draw()))
+    assert pictures == 150
+
+
+def test_each_sprite_is_painted_once_and_pictures_are_new_arrays():
+    env = make("gym_cards/NumberLine-v0", position=2, target=4)
+    first = env.render()
+    painted = envs.tile.cache_info().misses
+    env.position = 3
+    assert not np.array_equal(env.render(), first)
+    assert envs.tile.cache_info().misses <= painted + 1, "only the new number's line may be painted"
+    env.position = 2
+    again = env.render()
+    assert envs.tile.cache_info().misses <= painted + 1, "a state seen before must be made of cached tiles"
+    assert np.array_equal(again, first) and again is not first and again.flags.writeable
+
+
 # --- NumberLine ----------------------------------------------------------------------------------------
 
 def test_number_line_start_and_target_draw_with_the_mod_5_quirk():
@@ -831,7 +881,8 @@ def test_parse_random_strings():
 HERE = Path(__file__).parent
 # a few tiny updates: 4 envs x 4 steps, a 3-step warm start, 4 evaluation episodes
 FAST = ["--num-envs", "4", "--num-steps", "4", "--total-steps", "48", "--sft-steps", "3", "--sft-batch", "4",
-        "--eval-episodes", "4", "--minibatch-size", "8", "--micro-batch", "4", "--max-new-tokens", "16"]
+        "--eval-episodes", "4", "--minibatch-size", "8", "--micro-batch", "4", "--max-new-tokens", "16",
+        "--checkpoint-every", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -889,6 +940,39 @@ def test_lambda_split_by_hand():
     assert rl4vlm.token_weights(PiecesTokenizer(pieces), [0, 1, 2], span, 1.0) == [1.0, 1.0, 1.0]
 
 
+def token_weights_by_every_prefix(tokenizer, gen_ids, span, thought_coef):
+    """The definition, quadratic: decode every prefix and compare its length with the action's start."""
+    if span is None:
+        return [thought_coef] * len(gen_ids)
+    ends = [len(tokenizer.decode(gen_ids[:i + 1], skip_special_tokens=True)) for i in range(len(gen_ids))]
+    return [thought_coef if end <= span[0] else 1.0 for end in ends]
+
+
+def check_split_equals_the_definition(tokenizer, ids):
+    """token_weights equals the definition for every place the action value could start."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for start in range(len(text) + 1):
+        assert rl4vlm.token_weights(tokenizer, ids, (start, start), 0.5) == \
+            token_weights_by_every_prefix(tokenizer, ids, (start, start), 0.5), (ids, start)
+
+
+def test_lambda_split_equals_decoding_every_prefix(policy):
+    """On every task's answers (with and without thoughts) and on random token sequences, special
+    tokens and broken UTF-8 bytes included, with the built-in tokenizer and a foreign one."""
+    _, processor, _ = policy
+    foreign = bpe_tokenizer(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
+    rng = np.random.default_rng(0)
+    for tokenizer in (processor.tokenizer, foreign):
+        for task in envs.TASKS.values():
+            _, info = gym.make(task.env_id).reset(seed=1)
+            for cot in (True, False):
+                answer = task.answer(info, int(rng.integers(len(task.actions))), cot)
+                check_split_equals_the_definition(tokenizer, tokenizer(answer, add_special_tokens=False)["input_ids"])
+        for _ in range(30):
+            check_split_equals_the_definition(tokenizer, rng.integers(len(tokenizer), size=24).tolist())
+    assert "\ufffd" in foreign.decode([foreign.convert_tokens_to_ids("\u00c3")]), "no broken byte was tried"
+
+
 def test_lambda_split_with_the_builtin_tokenizer(policy):
     _, processor, _ = policy
     task = envs.get_task("numberline")
@@ -903,6 +987,33 @@ def test_lambda_split_with_the_builtin_tokenizer(policy):
     # the thought tokens decode to exactly the text before the action value
     assert processor.tokenizer.decode(ids[:first_action], skip_special_tokens=True) == decoded[:span[0]]
     assert weights[:first_action] == [0.5] * first_action and set(weights[first_action:]) == {1.0}
+
+
+def check_prompt_cache(processor):
+    """encode_prompts (cached) gives exactly the processor's own tensors, for repeated and new pairs."""
+    pictures = [gym.make("gym_cards/NumberLine-v0").reset(seed=k)[0] for k in range(3)]
+    prompts = ["first prompt", "second prompt", "first prompt"]
+    first = rl4vlm.encode_prompts(processor, pictures, prompts, "cpu")
+    again = rl4vlm.encode_prompts(processor, [p.copy() for p in pictures], prompts, "cpu")  # equal pictures, new arrays
+    assert all(a is b for a, b in zip(first, again)), "a repeated pair must come from the cache"
+    swapped = rl4vlm.encode_prompts(processor, pictures, prompts[::-1], "cpu")
+    for picture, prompt, row in zip(pictures + pictures, prompts + prompts[::-1], first + swapped):
+        fresh = rl4vlm.encode_prompt(processor, picture, prompt, "cpu")
+        assert row.keys() == fresh.keys() and all(torch.equal(row[k], fresh[k]) for k in fresh), prompt
+
+
+def test_prompt_cache_gives_the_processors_tensors(policy):
+    check_prompt_cache(policy[1])
+
+
+def test_tensor_cache_forgets_the_least_recently_used_beyond_its_bytes():
+    cache = rl4vlm.TensorCache(max_bytes=2 * 400)  # room for two rows of 100 float32 values
+    row = lambda: {"x": torch.zeros(100)}
+    a, b = cache.get("a", row), cache.get("b", row)
+    assert cache.get("a", row) is a  # "a" is now the most recent
+    cache.get("c", row)
+    assert list(cache.rows) == ["a", "c"] and cache.bytes == 800
+    assert cache.get("b", row) is not b  # "b" was forgotten and is made anew
 
 
 def test_suppressed_tokens(policy):
@@ -941,6 +1052,40 @@ def test_batch_of_different_lengths_equals_each_alone(policy):
             assert torch.allclose(batch[0][i, :n], alone[0][0], atol=1e-5)
             assert (batch[0][i, n:] == 0).all()
             assert torch.allclose(batch[1][i], alone[1][0], atol=1e-5)
+
+
+def test_forward_logprobs_equal_log_softmax_of_every_logit(policy):
+    """forward() asks the model for the logits of the answer positions only; they must be the
+    full pass's logits at positions P-1 .. P+G-2."""
+    model, processor, value_head = policy
+    task = envs.get_task("numberline")
+    samples = encoded_samples(processor, task, ["a prompt", "another, longer prompt"], ['{"action": "+"}', '{"action": "-"}'])
+    prompt, gen_ids, gen_mask, _ = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, 0.7, [])[0]
+        ids = torch.cat([prompt["input_ids"], gen_ids], 1)
+        mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=prompt["pixel_values"]).logits
+    P = prompt["input_ids"].shape[1]
+    expected = torch.log_softmax(logits[:, P - 1:-1] / 0.7, -1).gather(-1, gen_ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs, expected.where(gen_mask, 0.0), atol=1e-5)
+
+
+def test_env_pool_saves_states_not_pictures_and_continues_the_same():
+    import pickle
+    pool = rl4vlm.EnvPool("gym_cards/Points24-v0", 32, first_seed=5)
+    for i in range(32):
+        pool.step(i, 3)
+    saved = pickle.dumps(pool)
+    assert len(saved) < 64_000, f"{len(saved)} bytes: pictures or spaces were saved"
+    copy = pickle.loads(saved)
+    assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.infos == pool.infos
+    for action in (0, 10, 1, 16):
+        for i in range(32):
+            a, b = pool.step(i, action), copy.step(i, action)
+            assert a[:3] == b[:3] and (a[3] is None) == (b[3] is None)
+    assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.next_seed == pool.next_seed
 
 
 def test_rollout_logprobs_and_values_equal_a_full_forward(policy):
@@ -1279,6 +1424,10 @@ def test_thought_action_split_with_the_models_tokenizer(folder):
     thought = tokenizer.decode(ids[:first_action], skip_special_tokens=True)
     assert decoded[:span[0]].startswith(thought)
     assert len(tokenizer.decode(ids[:first_action + 1], skip_special_tokens=True)) > span[0]
+
+
+def test_prompt_cache_gives_each_familys_processor_tensors(folder):
+    check_prompt_cache(rl4vlm.load_policy(str(folder), "cpu")[1])
 
 
 def test_default_lora_targets_are_the_language_models_linear_layers(folder):
