@@ -452,7 +452,7 @@ def act(model, value_head, processor, task, images, infos, s: Settings, suppress
     # tokens up to and including the first end-of-turn token are the answer; the rest is padding
     is_end = torch.isin(gen_ids, torch.tensor(np.atleast_1d(model.generation_config.eos_token_id), device=gen_ids.device))
     gen_mask = (is_end.long().cumsum(1) - is_end.long()) == 0
-    # one generation step at a time: stacking the logits first would hold (B, G, V) floats several times over
+    # one generation step at a time: stacking the logits first would hold (B, G, V) floats twice or more
     logprobs = torch.stack([token_logprobs(logits, gen_ids[:, k], s.temperature, suppress)
                             for k, logits in enumerate(out.logits)], 1).where(gen_mask, 0.0)  # (B, G)
     values = value_head(out.hidden_states[0][-1][:, -1])                     # last prompt token, last layer
