@@ -489,14 +489,20 @@ def points24_solvable(numbers):
     return bool(solutions(tuple(sorted(numbers)), 24, "+-*/"))
 
 
-def points_expert(actions, target, info):
-    """The next entry of the first solution that continues the formula so far, or None if none does."""
+def points_plan(actions, target, info):
+    """The first solution (a tuple of entries) that continues the formula so far, or None if none does."""
     ops = "".join(a for a in actions if a in PRECEDENCE)
     formula = tuple(info["Formula"])
     for entries in solutions(tuple(sorted(info["Numbers"])), target, ops):
         if entries[:len(formula)] == formula and all(e in actions for e in entries):
-            return actions.index(entries[len(formula)] if len(entries) > len(formula) else "=")
+            return entries
     return None
+
+
+def points_expert(actions, target, info):
+    """The plan's next entry, "=" once the plan is written, None where no plan exists."""
+    plan, written = points_plan(actions, target, info), len(info["Formula"])
+    return None if plan is None else actions.index(plan[written] if len(plan) > written else "=")
 
 
 def add_card(total, usable, card):
@@ -565,7 +571,7 @@ class Task:
     goal: str  # the task description in the prompt
     read_spec: str  # the JSON fields read off the picture, as the prompt asks for them
     read: Callable[[dict], dict]  # their true values for a state
-    thought: Callable[[dict], str]  # a short true thought about the state (never about the action)
+    thought: Callable[[dict], str]  # a short true thought: what the right action follows from
     labels: Callable[[dict], list]  # what the picture shows, as class indices
     label_classes: tuple
     expert: Callable[[dict], int | None]
@@ -605,9 +611,12 @@ def points_read(info):
     return {"cards": info["Numbers"], "formula": " ".join(info["Formula"])}
 
 
-def points_thought(info):
-    unused = Counter(info["Numbers"]) - Counter(number_entries(info["Formula"]))
-    return "unused: " + (", ".join(str(n) for n in sorted(unused.elements())) or "none")
+def points_thought(actions, target, info):
+    """The plan the expert follows and what is left of it to write: `plan: 2 * 6, to write: * 6`."""
+    plan = points_plan(actions, target, info)
+    if plan is None:
+        return "plan: none, to write: ="  # a dead end: every move from here loses
+    return f"plan: {' '.join(plan)}, to write: {' '.join(plan[len(info['Formula']):] or ('=',))}"
 
 
 def points_context(info):
@@ -631,19 +640,21 @@ TASKS = {task.env_id: task for task in (
          thought=number_line_thought,
          labels=lambda info: [info["Current"], info["Target"]], label_classes=(6, 6),
          expert=lambda info: None if info["Current"] == info["Target"] else int(info["Target"] > info["Current"]),
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=400, sft_actions="random"),
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=400, sft_expert=0.0),
          paper=dict(rl=89.4, no_cot=26.9, sft=24.8)),
     Task("gym_cards/EZPoints-v0", EZPointsEnv, POINTS_GOAL.format(12, "both card values", ""),
-         read_spec='"cards": [<value>, <value>], "formula": "<formula>"', read=points_read, thought=points_thought,
+         read_spec='"cards": [<value>, <value>], "formula": "<formula>"', read=points_read,
+         thought=functools.partial(points_thought, EZPointsEnv.actions, 12),
          labels=lambda info: [n - 1 for n in info["Numbers"]], label_classes=(10, 10),
          expert=functools.partial(points_expert, EZPointsEnv.actions, 12), context=points_context,
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600, sft_actions="expert"),
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600, sft_expert=0.2),
          paper=dict(rl=50.0, no_cot=29.9, sft=23.0)),
     Task("gym_cards/Points24-v0", Points24Env, POINTS_GOAL.format(24, "all four card values", ", an ace 1"),
-         read_spec='"cards": [<4 values>], "formula": "<formula>"', read=points_read, thought=points_thought,
+         read_spec='"cards": [<4 values>], "formula": "<formula>"', read=points_read,
+         thought=functools.partial(points_thought, Points24Env.actions, 24),
          labels=lambda info: [n - 1 for n in info["Numbers"]], label_classes=(10, 10, 10, 10),
          expert=functools.partial(points_expert, Points24Env.actions, 24), context=points_context,
-         defaults=dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_actions="expert"),
+         defaults=dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_expert=0.5),
          paper=dict(rl=2.3, no_cot=0.0, sft=2.6), solvable=lambda info: points24_solvable(info["Numbers"])),
     Task("gym_cards/Blackjack-v0", BlackjackEnv,
          "Get closer to 21 than the dealer without going over; J, Q, K count as 10, an ace 1 or 11.",
@@ -651,7 +662,7 @@ TASKS = {task.env_id: task for task in (
          thought=blackjack_thought,
          labels=lambda info: [info["Dealer"][0] - 1, hand_total(info["Player"])[0], hand_total(info["Player"])[1]],
          label_classes=(10, 32, 2), expert=blackjack_expert,
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=600, sft_actions="random"),
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=600, sft_expert=0.0),
          paper=dict(rl=40.2, no_cot=40.4, sft=23.1)),
 )}
 

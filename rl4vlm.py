@@ -22,11 +22,12 @@ Where this departs from the paper or from textbook PPO:
    It starts from random weights, so its warm start adds an auxiliary perception loss: a
    linear head on the projected image features predicts what the picture shows. Only the
    built-in model gets it (--aux-loss), and the README says so.
-2. The warm-start answers read the picture correctly but take a uniformly random legal action
-   (--sft-actions expert uses the expert's): the warm start teaches reading and the answer
-   format, and leaves the decision to RL.
+2. The warm start is imperfect on purpose, so that RL has a job, as after the paper's SFT: its
+   states follow the expert with random detours, its answers read the picture correctly and
+   think truly (the Points tasks state the expert's plan), but only a per-task share of them
+   (--sft-expert: 0 for NumberLine and Blackjack) takes the expert's action, the rest a random one.
 3. The tiny model uses its own hyper-parameters where the 7B ones do not fit it (learning
-   rate, LoRA rank, sampling temperature, steps); the README lists them with the reasons.
+   rate, LoRA rank, gradient clipping, a KL guard on each update); the README lists them.
 4. A sample whose text has no "action" key counts all its tokens as thought tokens: the
    random action played instead is not the model's choice. Tokens after the start of the
    action value (closing quote, brace, end of turn) count as action tokens.
@@ -37,6 +38,7 @@ Where this departs from the paper or from textbook PPO:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -48,7 +50,7 @@ import sys
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -74,9 +76,10 @@ def _opt(default, help, type=None):
 
 @dataclass
 class Settings:
-    env: str = _opt("gym_cards/NumberLine-v0", "task id or short name (numberline, ezpoints, points24, blackjack), or gym-cards for all four")
+    env: str = _opt("gym_cards/NumberLine-v0", "task id or short name (numberline, ezpoints, points24, blackjack), several joined by commas, or gym-cards for all four")
     model: str = _opt(BUILTIN, "'builtin' (a tiny LLaVA built on first use) or a Hugging Face VLM id or folder")
     seed: int = _opt(1, "seed of everything: model init, envs, sampling, minibatches")
+    seeds: list = _opt((), "run once per seed (e.g. --seeds 1 2 3) in OUT_DIR/RUN_NAME/seed<n>; the tables show each seed, the mean and the min-max", int)
     out_dir: str = _opt("runs", "runs are written to OUT_DIR/RUN_NAME")
     run_name: str = _opt("", "default: <task>-seed<seed>-<unix time>")
     resume: str = _opt("", "continue the run in this folder from its last checkpoint (its settings are used)")
@@ -84,13 +87,14 @@ class Settings:
     device: str = _opt("cpu", "torch device")
     dtype: str = _opt("float32", "model weights: float32, bfloat16 or float16 (LoRA, value head, PPO maths: float32)")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
-    threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+    threads: int = _opt(1, "torch CPU threads: 1 gives the same numbers on any number of cores, 0 takes torch's default (all cores)")
     # the method
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
     thought_coef: float = _opt(0.5, "lambda: weight of the thought tokens' log-prob in log pi(a|s)")
     temperature: float = _opt(0.2, "sampling temperature, also applied in the loss (as in the paper)")
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int)
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action")
+    target_kl: float = _opt(0.05, "stop an update's epochs at the first minibatch whose approx_kl exceeds this, before its step (0: never)")
     # rollouts
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each")
     num_steps: int = _opt(None, "steps per env per update (default: the task's)", int)
@@ -115,10 +119,11 @@ class Settings:
     sft_steps: int = _opt(None, "warm-start steps (default: the task's; 0 skips it)", int)
     sft_batch: int = _opt(32, "warm-start batch size")
     sft_lr: float = _opt(1e-3, "warm-start learning rate")
-    sft_actions: str = _opt(None, "actions in the warm-start answers: random or expert (default: the task's)", str)
+    sft_expert: float = _opt(None, "share of warm-start answers whose action is the expert's, the rest random: how imperfect the warm start is (default: the task's)", float)
+    sft_follow: float = _opt(0.75, "share of moves that follow the expert while the warm start gathers its states, the rest random")
     sft_data: str = _opt("", 'warm start on a JSONL file of {"image": path, "prompt": ..., "answer": ...} lines')
     aux_loss: str = _opt("auto", "auxiliary perception loss in the warm start: auto (built-in model, no --sft-data), on, off")
-    ablations: bool = _opt(False, "run the chain-of-thought ablation on --env's tasks and a lambda sweep on NumberLine")
+    ablations: str = _opt("", "instead of plain runs: cot (each task with and without chain of thought) or lambda (thought_coef 0, 0.2, 0.5, 1)")
     # evaluation and checkpoints
     eval_episodes: int = _opt(500, "held-out episodes per evaluation")
     eval_envs: int = _opt(256, "environments stepped in parallel while evaluating (no gradients: larger batches pay)")
@@ -136,6 +141,8 @@ def parse_settings(argv=None) -> Settings:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, type=f.metadata["type"], nargs="+", default=list(f.default), help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default, help=f.metadata["help"])
     s = Settings(**vars(parser.parse_args(argv)))
@@ -148,8 +155,7 @@ def parse_settings(argv=None) -> Settings:
 
 def check_settings(s: Settings) -> None:
     """Reject bad values before any work. Raises ValueError with a one-line reason."""
-    if s.env != SUITE:
-        envs.get_task(s.env)  # ValueError lists the tasks
+    tasks_of(s.env)  # ValueError lists the tasks
     positive = ["num_envs", "num_steps", "total_steps", "update_epochs", "minibatch_size", "micro_batch",
                 "max_new_tokens", "lora_rank", "sft_batch", "eval_episodes", "eval_envs", "checkpoint_every", "temperature",
                 "lr", "sft_lr", "clip_coef", "max_grad_norm", "lora_alpha"]
@@ -157,16 +163,18 @@ def check_settings(s: Settings) -> None:
         value = getattr(s, name)
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ["gamma", "gae_lambda", "lora_dropout"]:
-        if not 0 <= getattr(s, name) <= 1:
+    for name in ["gamma", "gae_lambda", "lora_dropout", "sft_expert", "sft_follow"]:
+        if getattr(s, name) is not None and not 0 <= getattr(s, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(s, name)}")
-    for name in ["thought_coef", "vf_coef", "format_penalty", "threads", "lr_min"]:
+    for name in ["thought_coef", "vf_coef", "format_penalty", "threads", "lr_min", "target_kl"]:
         if getattr(s, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if s.sft_steps is not None and s.sft_steps < 0:
         raise ValueError(f"--sft-steps must be >= 0, got {s.sft_steps}")
-    if s.sft_actions not in (None, "random", "expert"):
-        raise ValueError(f"--sft-actions must be random or expert, got {s.sft_actions!r}")
+    if s.ablations not in ("", "cot", "lambda"):
+        raise ValueError(f"--ablations must be cot or lambda, got {s.ablations!r}")
+    if len(set(s.seeds)) != len(s.seeds):
+        raise ValueError(f"--seeds must differ, got {s.seeds}")
     if s.aux_loss not in ("auto", "on", "off"):
         raise ValueError(f"--aux-loss must be auto, on or off, got {s.aux_loss!r}")
     if s.dtype not in ("float32", "bfloat16", "float16"):
@@ -205,15 +213,15 @@ def read_sft_data(path: str) -> list[dict]:
 
 def with_task_defaults(s: Settings, task) -> Settings:
     """Fill the settings left at None from the task's table entry."""
-    filled = {k: v for k, v in task.defaults.items() if getattr(s, k) is None}
-    return Settings(**{**asdict(s), **filled})
+    return replace(s, **{k: v for k, v in task.defaults.items() if getattr(s, k) is None})
 
 
 # ----------------------------------------------------------------------------------------
 # Model. The built-in tiny VLM is saved once and then loaded exactly as a hub checkpoint is.
 
 def task_corpus(seed: int, episodes: int = 100) -> list[str]:
-    """Prompts and answers of every task, with and without chain of thought, from random play."""
+    """Prompts and answers of every task, with and without chain of thought, from play that
+    follows the expert half of the time (so that winning formulas are in it too)."""
     rng = np.random.default_rng(seed)
     texts = []
     for task in envs.TASKS.values():
@@ -222,12 +230,19 @@ def task_corpus(seed: int, episodes: int = 100) -> list[str]:
             _, info = env.reset(seed=seed + episode)
             done = False
             while not done:
-                action = int(rng.integers(len(task.actions)))
+                action = follow_or_random(task.expert(info), 0.5, len(task.actions), rng)
                 for cot in (True, False):
                     texts += [task.prompt(info, cot), task.answer(info, action, cot)]
                 _, _, terminated, truncated, info = env.step(action)
                 done = terminated or truncated
     return texts
+
+
+@functools.cache
+def text_version() -> str:
+    """A digest of the tasks' prompts and answers: the built-in tokenizer and the warm-start data
+    follow from them, so their cached models are keyed by it."""
+    return hashlib.sha256("\n".join(task_corpus(0, episodes=5)).encode()).hexdigest()[:8]
 
 
 def build_builtin(folder: Path, seed: int) -> None:
@@ -387,13 +402,19 @@ def pad_prompts(rows: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def token_logprobs(logits, tokens, temperature: float, suppress: list[int]):
-    """The one log-prob function: log p(token) under the sampling distribution.
-    logits (B, T, V) at the positions that predict tokens (B, T) -> (B, T) float32."""
+def sampling_logprobs(logits, temperature: float, suppress: list[int]):
+    """The one sampling distribution: log-softmax of logits / temperature with the suppressed
+    tokens at -inf. (..., V) -> (..., V) float32."""
     logits = logits.float() / temperature
     if suppress:
         logits[..., suppress] = -math.inf
-    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits, -1)
+
+
+def token_logprobs(logits, tokens, temperature: float, suppress: list[int]):
+    """log p(token) under the sampling distribution: logits (B, T, V) at the positions that
+    predict tokens (B, T) -> (B, T) float32."""
+    return sampling_logprobs(logits, temperature, suppress).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def forward(model, value_head, prompt: dict, gen_ids, gen_mask, temperature, suppress):
@@ -421,13 +442,20 @@ def forward(model, value_head, prompt: dict, gen_ids, gen_mask, temperature, sup
 
 def token_weights(tokenizer, gen_ids: list[int], span, thought_coef: float) -> list[float]:
     """Weight of each generated token in log pi(a|s): thought_coef before the action value,
-    1 from the token holding its first character on. The split comes from character offsets
-    of the decoded text (the same text parse.py read), never from token ids.
-    span: parse.py's (start, end) of the action value, or None (then all tokens are thought).
-    The first action token is the first i whose decoded prefix gen_ids[:i + 1] reaches past
-    span[0]; prefixes only grow, so a bisection finds it with log2(len) decodes, not len."""
+    1 from the token holding its first character on."""
+    first = action_start(tokenizer, gen_ids, span)
+    return [thought_coef] * first + [1.0] * (len(gen_ids) - first)
+
+
+def action_start(tokenizer, gen_ids: list[int], span) -> int:
+    """The index of the first action token: the token holding the first character of the
+    action value. The split comes from character offsets of the decoded text (the same text
+    parse.py read), never from token ids. span: parse.py's (start, end) of the action value,
+    or None (then every token is a thought token). It is the first i whose decoded prefix
+    gen_ids[:i + 1] reaches past span[0]; prefixes only grow, so a bisection finds it with
+    log2(len) decodes, not len."""
     if span is None:
-        return [thought_coef] * len(gen_ids)
+        return len(gen_ids)
     lo, hi = 0, len(gen_ids)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -435,7 +463,7 @@ def token_weights(tokenizer, gen_ids: list[int], span, thought_coef: float) -> l
             hi = mid
         else:
             lo = mid + 1
-    return [thought_coef] * lo + [1.0] * (len(gen_ids) - lo)
+    return lo
 
 
 @torch.no_grad()
@@ -453,22 +481,41 @@ def act(model, value_head, processor, task, images, infos, s: Settings, suppress
     is_end = torch.isin(gen_ids, torch.tensor(np.atleast_1d(model.generation_config.eos_token_id), device=gen_ids.device))
     gen_mask = (is_end.long().cumsum(1) - is_end.long()) == 0
     # one generation step at a time: stacking the logits first would hold (B, G, V) floats twice or more
-    logprobs = torch.stack([token_logprobs(logits, gen_ids[:, k], s.temperature, suppress)
-                            for k, logits in enumerate(out.logits)], 1).where(gen_mask, 0.0)  # (B, G)
+    logprobs, entropy = (gen_ids.new_zeros(gen_ids.shape, dtype=torch.float32) for _ in range(2))  # (B, G)
+    for k, logits in enumerate(out.logits):
+        logp = sampling_logprobs(logits, s.temperature, suppress)           # (B, V)
+        logprobs[:, k] = logp.gather(1, gen_ids[:, k:k + 1]).squeeze(1)
+        entropy[:, k] = torch.special.entr(logp.exp()).sum(1)               # -sum p log p, 0 log 0 = 0
     values = value_head(out.hidden_states[0][-1][:, -1])                     # last prompt token, last layer
     samples, actions = [], []
     for i in range(len(infos)):
         ids = gen_ids[i][gen_mask[i]].tolist()
         text = processor.tokenizer.decode(ids, skip_special_tokens=True)
         action, span = parse.parse_action(text, task.actions)
-        weights = torch.tensor(token_weights(processor.tokenizer, ids, span, s.thought_coef))
-        samples.append(dict(prompt=rows[i], gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
-                            logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
-                            text=text, format_ok=action is not None))
+        first = action_start(processor.tokenizer, ids, span)
+        weights = torch.tensor([s.thought_coef] * first + [1.0] * (len(ids) - first))
         if action is None:  # the paper plays a random legal action; counted as a format failure
             action = int(rng.integers(len(task.actions)))
+        samples.append(dict(prompt=rows[i], gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
+                            logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
+                            text=text, format_ok=span is not None, action=action,
+                            thought=text[:span[0]] if span else text, entropy=entropy[i, :len(ids)], n_thought=first))
         actions.append(action)
     return samples, actions
+
+
+def diagnostics(samples: list[dict], action_names) -> dict:
+    """The method's known failure modes, per batch: the mean entropy (nats) of the sampling
+    distribution over thought tokens and over action tokens, the share of distinct thoughts
+    (the text before the action value; thought collapse, GTR arXiv 2503.08525, drives it
+    down) and the share of each action played (a policy collapsing onto one action)."""
+    thought = torch.cat([x["entropy"][:x["n_thought"]] for x in samples])
+    action = torch.cat([x["entropy"][x["n_thought"]:] for x in samples])
+    played = np.bincount([x["action"] for x in samples], minlength=len(action_names)) / len(samples)
+    return dict(thought_entropy=float(thought.mean()) if len(thought) else math.nan,
+                action_entropy=float(action.mean()) if len(action) else math.nan,
+                distinct_thoughts=len({x["thought"] for x in samples}) / len(samples),
+                action_share={name: round(float(p), 4) for name, p in zip(action_names, played)})
 
 
 def collate(samples: list[dict], pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -526,8 +573,10 @@ class EnvPool:
 # Warm start (the paper's SFT step).
 
 def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict:
-    """Supervised answers written by envs.py for states from random play, or drawn from the
-    --sft-data file. It trains whatever requires grad (all weights, or LoRA adapters).
+    """Supervised answers written by envs.py, or drawn from the --sft-data file. The states come
+    from play that follows the expert with probability sft_follow (random moves otherwise, so
+    the answers cover detours too); an answer's thoughts are true (for the Points tasks: the
+    expert's plan), its action is the expert's with probability sft_expert, else random. It trains whatever requires grad (all weights, or LoRA adapters).
     With `aux`, linear heads predict the state labels (what the picture shows) from
     (1) the flattened projected image features: a from-scratch VLM does not learn to read its
         picture from language loss alone (measured), and
@@ -558,8 +607,8 @@ def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict
             prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
         else:
             images, infos = list(pool.obs), list(pool.infos)
-            actions = [task.expert(info) if s.sft_actions == "expert" else None for info in infos]
-            actions = [int(rng.integers(len(task.actions))) if a is None else a for a in actions]
+            experts = [task.expert(info) for info in infos]
+            actions = [follow_or_random(e, s.sft_expert, len(task.actions), rng) for e in experts]
             prompts = [task.prompt(info, s.cot) for info in infos]
             answers = [task.answer(i, a, s.cot) for i, a in zip(infos, actions)]
         answers = [tokenizer(answer_text(processor, p, a, stops), add_special_tokens=False)["input_ids"]
@@ -591,11 +640,16 @@ def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict
             log(f"warm start {step}/{s.sft_steps}  lm_loss {lm_loss.item():.3f}  "
                 + "".join(f"{k} {v:.2f}  " for k, v in stats.items() if k.endswith("_acc"))
                 + f"{rate:.1f} steps/s  eta {(s.sft_steps - step) / rate:.0f}s")
-        if not data:  # next states: random play
-            for i in range(len(infos)):
-                pool.step(i, int(rng.integers(len(task.actions))))
+        if not data:  # next states: along the expert's path, with random detours
+            for i, e in enumerate(experts):
+                pool.step(i, follow_or_random(e, s.sft_follow, len(task.actions), rng))
     model.eval()
     return stats
+
+
+def follow_or_random(expert: int | None, share: float, n: int, rng) -> int:
+    """The expert's action with probability `share` (where it has one), else a uniformly random one."""
+    return expert if expert is not None and rng.random() < share else int(rng.integers(n))
 
 
 def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
@@ -620,7 +674,7 @@ def warm_started_policy(s: Settings, task, log):
     cache = Path(s.cache_dir)
     base = s.model
     if s.model == BUILTIN:
-        base = str(cache / f"builtin-seed{s.seed}")
+        base = str(cache / f"builtin-{text_version()}-seed{s.seed}")
         if not (Path(base) / "config.json").exists():
             log(f"building the built-in tiny VLM in {base}")
             with torch.random.fork_rng(devices=[]):
@@ -630,7 +684,8 @@ def warm_started_policy(s: Settings, task, log):
     full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
     aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
     key = dict(model=s.model, env=task.env_id, cot=s.cot, sft_steps=s.sft_steps, sft_batch=s.sft_batch,
-               sft_lr=s.sft_lr, sft_actions=s.sft_actions, aux=aux, seed=s.seed)
+               sft_lr=s.sft_lr, sft_expert=s.sft_expert, sft_follow=s.sft_follow, aux=aux, seed=s.seed,
+               texts=text_version())
     # settings that shape only some warm starts join the key only when they do, so older entries stay valid
     key.update({k: v for k, v in dict(
         dtype=s.dtype, sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
@@ -642,7 +697,7 @@ def warm_started_policy(s: Settings, task, log):
         if s.grad_checkpointing:
             model.activation_checkpointing_enable()
         log(f"warm start: {s.sft_steps} steps on {task.env_id}, "
-            + (f"answers from {s.sft_data}" if s.sft_data else f"{s.sft_actions} actions")
+            + (f"answers from {s.sft_data}" if s.sft_data else f"expert's actions in {s.sft_expert:.0%} of the answers")
             + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
         t0 = time.time()
         with torch.random.fork_rng(devices=[]):
@@ -712,48 +767,54 @@ def rollout(model, value_head, processor, task, pool: EnvPool, s: Settings, supp
     stats = dict(episodes=len(episode_returns),
                  success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
                  mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
-                 format_fail=float(np.mean([not x["format_ok"] for x in samples])))
+                 format_fail=float(np.mean([not x["format_ok"] for x in samples])), **diagnostics(samples, task.actions))
     return samples, (rewards, values, next_values, terminated, truncated), stats
 
 
 def ppo_update(model, value_head, optimizer, params, samples, advantages, returns, s: Settings, suppress, pad_id, rng):
-    """update_epochs passes over the batch in shuffled minibatches (micro-batches accumulate)."""
+    """update_epochs passes over the batch in shuffled minibatches (micro-batches accumulate).
+    The KL guard (CleanRL's target_kl, checked before each step rather than after each epoch):
+    at the first minibatch whose approx_kl exceeds target_kl, its step is not taken and the
+    update ends. Statistics are means over the minibatches measured."""
     b_logprobs = torch.tensor([x["logprob"] for x in samples])
     b_values = torch.tensor([x["value"] for x in samples])
     b_advantages, b_returns = advantages.flatten(), returns.flatten()  # step-major, like `samples`
+    orders = [rng.permutation(len(samples)) for _ in range(s.update_epochs)]
+    minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, len(samples), s.minibatch_size)]
     model.train()
-    totals, count = {}, 0
-    for epoch in range(s.update_epochs):
-        order = rng.permutation(len(samples))
-        for start in range(0, len(samples), s.minibatch_size):
-            mb = order[start:start + s.minibatch_size]
-            mb_advantages = b_advantages[mb]
-            if len(mb) > 1:
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-            optimizer.zero_grad()
-            for j in range(0, len(mb), s.micro_batch):
-                micro = mb[j:j + s.micro_batch]
-                prompt, gen_ids, gen_mask, weights = collate([samples[k] for k in micro], pad_id)
-                logprobs, new_values, _ = forward(model, value_head, prompt, gen_ids.to(s.device), gen_mask.to(s.device),
-                                                  s.temperature, suppress)
-                new_logprobs = (logprobs * weights.to(s.device)).sum(1)     # log pi(a|s), (micro,)
-                loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[j:j + s.micro_batch],
-                                           new_values, b_values[micro], b_returns[micro], clip_coef=s.clip_coef,
-                                           vf_coef=s.vf_coef)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"PPO loss is {loss.item()} (epoch {epoch}, stats {stats}); "
-                                             "the last checkpoint is untouched")
-                (loss * len(micro) / len(mb)).backward()
-                stats.pop("explained_variance")  # of the whole batch, computed once below
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v * len(micro)
-                count += len(micro)
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)) * len(mb)
-            optimizer.step()
+    measured, grad_norms = [], []
+    for n, mb in enumerate(minibatches):
+        mb_advantages = b_advantages[mb]
+        if len(mb) > 1:
+            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+        optimizer.zero_grad()
+        mb_stats = {}
+        for j in range(0, len(mb), s.micro_batch):
+            micro = mb[j:j + s.micro_batch]
+            prompt, gen_ids, gen_mask, weights = collate([samples[k] for k in micro], pad_id)
+            logprobs, new_values, _ = forward(model, value_head, prompt, gen_ids.to(s.device), gen_mask.to(s.device),
+                                              s.temperature, suppress)
+            new_logprobs = (logprobs * weights.to(s.device)).sum(1)     # log pi(a|s), (micro,)
+            loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[j:j + s.micro_batch],
+                                       new_values, b_values[micro], b_returns[micro], clip_coef=s.clip_coef,
+                                       vf_coef=s.vf_coef)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"PPO loss is {loss.item()} (minibatch {n + 1}, stats {stats}); "
+                                         "the last checkpoint is untouched")
+            (loss * len(micro) / len(mb)).backward()
+            stats.pop("explained_variance")  # of the whole batch, computed once below
+            for k, v in stats.items():
+                mb_stats[k] = mb_stats.get(k, 0.0) + v * len(micro) / len(mb)
+        measured.append(mb_stats)
+        if s.target_kl and mb_stats["approx_kl"] > s.target_kl:
+            break  # the KL guard
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
+        optimizer.step()
     model.eval()
-    out = {k: v / count for k, v in totals.items()}
-    out["explained_variance"] = ppo.explained_variance(b_values, b_returns)
+    out = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
+    out.update(approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(grad_norms),
+               grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
+               explained_variance=ppo.explained_variance(b_values, b_returns))
     return out
 
 
@@ -795,10 +856,37 @@ def evaluate(model, value_head, processor, task, s: Settings, suppress, log, lab
     low, high = wilson(wins, n)
     result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
                   format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
+    result["expert_match"] = expert_match(model, processor, task, s, suppress, first_seed)
+    log(f"{label}: success {result['success']:.3f}, greedy action = expert's on {result['expert_match']:.3f} "
+        f"of held-out states along the expert's path")
     if task.solvable:  # the share of the evaluated deals that can be won at all
         env = gym.make(task.env_id)
         result["solvable"] = float(np.mean([task.solvable(env.reset(seed=first_seed + k)[1]) for k in range(n)]))
     return result
+
+
+@torch.no_grad()
+def expert_match(model, processor, task, s: Settings, suppress, first_seed: int, n: int = 200) -> float:
+    """The share of n held-out states along the expert's path (the evaluation's deals, played
+    by the expert) where the greedy answer's action is the expert's: how well the policy has
+    learnt the decision, apart from the luck of sampling."""
+    env, states, seed = gym.make(task.env_id, disable_env_checker=True), [], first_seed
+    while len(states) < n:
+        (obs, info), done = env.reset(seed=seed), False
+        seed += 1
+        while not done and len(states) < n and (expert := task.expert(info)) is not None:
+            states.append((obs, info, expert))
+            obs, _, terminated, truncated, info = env.step(expert)
+            done = terminated or truncated
+    matches = []
+    for k in range(0, n, s.eval_envs):
+        chunk = states[k:k + s.eval_envs]
+        rows = encode_prompts(processor, [x[0] for x in chunk], [task.prompt(x[1], s.cot) for x in chunk], s.device)
+        prompt = pad_prompts(rows, processor.tokenizer.pad_token_id)
+        out = model.generate(**prompt, do_sample=False, max_new_tokens=s.max_new_tokens, suppress_tokens=suppress or None)
+        texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        matches += [parse.parse_action(text, task.actions)[0] == x[2] for text, x in zip(texts, chunk)]
+    return float(np.mean(matches))
 
 
 # ----------------------------------------------------------------------------------------
@@ -924,12 +1012,15 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
                                     s, suppress, pad_id, rng))
             scheduler.step()
             seconds = time.time() - t0
+            top = max(stats["action_share"].items(), key=lambda kv: kv[1])
             metrics = dict(update=update, env_steps=update * batch, **stats, lr=scheduler.get_last_lr()[0],
                            rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(batch / seconds, 1))
             log(f"update {update}/{num_updates}  steps {update * batch}  success {stats['success']:.2f} "
                 f"(n={stats['episodes']})  return {stats['mean_return']:.2f}  format_fail {stats['format_fail']:.2f}  "
-                f"kl {stats['approx_kl']:.4f}  clipfrac {stats['clipfrac']:.3f}  ev {stats['explained_variance']:.2f}  "
-                f"{batch / seconds:.0f} steps/s")
+                f"kl {stats['approx_kl']:.4f}  clipfrac {stats['clipfrac']:.3f}  steps {stats['optimizer_steps']}  "
+                f"ev {stats['explained_variance']:.2f}  entropy thought {stats['thought_entropy']:.2f} "
+                f"action {stats['action_entropy']:.2f}  distinct {stats['distinct_thoughts']:.2f}  "
+                f"top action {top[0]!r} {top[1]:.2f}  {batch / seconds:.0f} steps/s")
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -961,13 +1052,23 @@ def results_table(task, results: dict) -> str:
 SUITE = "gym-cards"
 
 
+def tasks_of(env: str) -> list:
+    """--env: gym-cards (all four tasks), one task, or several joined by commas."""
+    return list(envs.TASKS.values()) if env == SUITE else [envs.get_task(name) for name in env.split(",")]
+
+
 def run_suite(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
-    """Each task in turn (warm start, RL, evaluation) in run_dir/<task>; finished tasks are
-    skipped and an interrupted one resumes, so --resume works for the suite too."""
-    results = {task.name: run_or_load(s, task, run_dir / task.name, rank) for task in tasks}
+    """Each seed, each task in turn (warm start, RL, evaluation) in run_dir/seed<n>/<task>;
+    finished runs are skipped and an interrupted one resumes, so --resume works here too."""
+    results = {}
+    for seed in s.seeds or [s.seed]:
+        folder = run_dir / f"seed{seed}"
+        for task in tasks:
+            results[task.name, seed] = run_or_load(replace(s, seed=seed, seeds=[]), task, folder / task.name, rank)
+        if rank == 0:
+            plot_curves(folder / "curves.png", {t.name: curve(folder / t.name) for t in tasks}, f"seed {seed}")
     if rank == 0:
-        plot_curves(run_dir / "curves.png", {t.name: curve(run_dir / t.name) for t in tasks}, "gym-cards")
-        md, csv = suite_tables(tasks, results)
+        md, csv = suite_tables(tasks, s.seeds or [s.seed], results, run_dir)
         (run_dir / "results.md").write_text(md + "\n")
         (run_dir / "results.csv").write_text(csv)
         print(md)
@@ -986,54 +1087,73 @@ def curve(folder: Path) -> tuple[list, list]:
     return [h["env_steps"] for h in history], [h["success"] for h in history]
 
 
+def seed_rows(rows, seeds) -> list[str]:
+    """Markdown rows of success % per seed, the mean and the min-max: rows of (cells..., [result per seed], paper)."""
+    out = ["| task | policy | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | min-max | paper (7B) |",
+           "|---" * (len(seeds) + 5) + "|"]
+    for *labels, per_seed, paper in rows:
+        pct = [100 * r["success"] for r in per_seed]
+        out.append(f"| {' | '.join(labels)} | " + " | ".join(f"{p:.1f}" for p in pct)
+                   + f" | {np.mean(pct):.1f} | {min(pct):.1f}-{max(pct):.1f} | {paper} |")
+    return out
+
+
+def kl_summary(folders) -> tuple[float, float]:
+    """Median and max of the updates' approx_kl over the runs in `folders`."""
+    kl = [json.loads(line)["approx_kl"] for f in folders for line in (f / "metrics.jsonl").read_text().splitlines()]
+    return float(np.median(kl)), float(np.max(kl))
+
+
+def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
+    """The paper's comparison, per seed: success % (500 held-out episodes a cell) with the warm
+    start only and after RL, the mean and min-max over seeds, the paper's 7B numbers beside
+    them; then the greedy expert match and the PPO step sizes. Returns Markdown and CSV (every
+    seed's 95% interval)."""
+    rows = [(t.name, label, [results[t.name, seed][stage] for seed in seeds], t.paper[paper])
+            for t in tasks for stage, label, paper in (("warm_start", "warm start only", "sft"), ("rl", "after RL", "rl"))]
+    md = [f"Success % (seeds {', '.join(map(str, seeds))}; 500 held-out episodes a cell unless --eval-episodes says otherwise)", ""]
+    md += seed_rows(rows, seeds)
+    md += ["", "| task | greedy action = expert's: warm start | after RL | approx_kl median | approx_kl max |", "|---|---|---|---|---|"]
+    for t in tasks:
+        match = [np.mean([results[t.name, seed][stage]["expert_match"] for seed in seeds]) for stage in ("warm_start", "rl")]
+        kl = kl_summary([run_dir / f"seed{seed}" / t.name for seed in seeds])
+        md.append(f"| {t.name} | {100 * match[0]:.1f} | {100 * match[1]:.1f} | {kl[0]:.4f} | {kl[1]:.4f} |")
+    csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"]
+    for t in tasks:
+        for seed in seeds:
+            for stage, paper in (("warm_start", "sft"), ("rl", "rl")):
+                r = results[t.name, seed][stage]
+                csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},{r['episodes']},"
+                           f"{r['expert_match']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
+        if t.solvable:
+            share = np.mean([results[t.name, seed]["rl"]["solvable"] for seed in seeds])
+            md.append(f"\n{t.name}: {100 * share:.1f}% of the evaluated deals can be won at all.")
+    return "\n".join(md), "\n".join(csv) + "\n"
+
+
 def run_ablations(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
-    """The paper's other two findings: chain of thought against none on each task, and
-    thought_coef (lambda) swept on NumberLine. Tables in ablations.md, plots beside them."""
-    runs = {}  # (task, variant) -> (task, settings, folder); the lambda = --thought-coef run is the CoT run
-    for task in tasks:
-        for cot in (True, False):
-            variant = "cot" if cot else "no-cot"
-            runs[task.name, variant] = (task, Settings(**{**asdict(s), "cot": cot}), f"{task.name}-{variant}")
-    numberline = envs.get_task("numberline")
-    for coef in (0.0, 0.2, 0.5, 1.0):
-        same = coef == s.thought_coef and s.cot and numberline in tasks
-        runs[numberline.name, f"lambda{coef}"] = (numberline, Settings(**{**asdict(s), "cot": True, "thought_coef": coef}),
-                                                  f"{numberline.name}-cot" if same else f"{numberline.name}-lambda{coef}")
-    results = {key: run_or_load(ss, task, run_dir / folder, rank) for key, (task, ss, folder) in runs.items()}
+    """The paper's other two findings, per seed and task: chain of thought against none
+    (--ablations cot), and thought_coef (lambda) swept (--ablations lambda). Runs in
+    run_dir/seed<n>/<task>-<variant>; the table in ablations.md, plots beside it."""
+    variants = ({"with CoT": dict(cot=True), "without CoT": dict(cot=False)} if s.ablations == "cot" else
+                {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.2, 0.5, 1.0)})
+    seeds, results = s.seeds or [s.seed], {}
+    for seed in seeds:
+        folders = {}
+        for task in tasks:
+            for name, change in variants.items():
+                folders[f"{task.name} {name}"] = folder = run_dir / f"seed{seed}" / f"{task.name}-{name.replace(' ', '-')}"
+                results[task.name, name, seed] = run_or_load(replace(s, seed=seed, seeds=[], **change), task, folder, rank)
+        if rank == 0:
+            plot_curves(run_dir / f"seed{seed}" / f"{s.ablations}.png", {k: curve(f) for k, f in folders.items()}, f"seed {seed}")
     if rank == 0:
-        pct = lambda r: f"{100 * r['rl']['success']:.1f} ({100 * r['rl']['ci_low']:.1f}-{100 * r['rl']['ci_high']:.1f})"
-        md = ["Success % after RL (95% interval)", "", "| task | with CoT | without CoT | paper with | paper without |",
-              "|---|---|---|---|---|"]
-        md += [f"| {t.name} | {pct(results[t.name, 'cot'])} | {pct(results[t.name, 'no-cot'])} | "
-               f"{t.paper['rl']} | {t.paper['no_cot']} |" for t in tasks]
-        md += ["", "| lambda (NumberLine) | success after RL |", "|---|---|"]
-        md += [f"| {coef} | {pct(results[numberline.name, f'lambda{coef}'])} |" for coef in (0.0, 0.2, 0.5, 1.0)]
+        paper = lambda t, name: {"with CoT": t.paper["rl"], "without CoT": t.paper["no_cot"]}.get(name, "")
+        md = ["Success % after RL", ""] + seed_rows(
+            [(t.name, name, [results[t.name, name, seed]["rl"] for seed in seeds], paper(t, name))
+             for t in tasks for name in variants], seeds)
         (run_dir / "ablations.md").write_text("\n".join(md) + "\n")
-        for name, lam in (("cot", False), ("lambda", True)):
-            plot_curves(run_dir / f"{name}.png", {f"{t} {v}": curve(run_dir / folder) for (t, v), (_, _, folder)
-                                                  in runs.items() if v.startswith("lambda") == lam}, name)
         print("\n".join(md))
     return results
-
-
-def suite_tables(tasks, results: dict) -> tuple[str, str]:
-    """The paper's layout: success % with 95% intervals, warm start only and after RL, ours
-    beside the paper's 7B numbers. Returns Markdown and CSV."""
-    pct = lambda r: f"{100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f})"
-    md = ["| | " + " | ".join(t.name for t in tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
-    csv = ["task,stage,success,ci_low,ci_high,episodes,solvable,paper"]
-    for stage, label, paper in (("warm_start", "warm start only", "sft"), ("rl", "after RL", "rl")):
-        ours = [results[t.name][stage] for t in tasks]
-        md.append(f"| ours, {label} | " + " | ".join(pct(r) for r in ours)
-                  + f" | {100 * np.mean([r['success'] for r in ours]):.1f} |")
-        md.append(f"| paper, {label} | " + " | ".join(f"{t.paper[paper]:.1f}" for t in tasks)
-                  + f" | {np.mean([t.paper[paper] for t in tasks]):.1f} |")
-        csv += [f"{t.name},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},{r['episodes']},"
-                f"{r.get('solvable', '')},{t.paper[paper]}" for t, r in zip(tasks, ours)]
-    for t in tasks:
-        if "solvable" in results[t.name]["rl"]:
-            md.append(f"\n{t.name}: {100 * results[t.name]['rl']['solvable']:.1f}% of the evaluated deals can be won.")
-    return "\n".join(md), "\n".join(csv) + "\n"
 
 
 def main(argv=None) -> dict:
@@ -1042,13 +1162,14 @@ def main(argv=None) -> dict:
     run_dir = Path(s.resume) if resume else None
     if resume:  # the run's own settings; the command line only names the run
         s = Settings(**json.loads((run_dir / "settings.json").read_text()))
-    tasks = list(envs.TASKS.values()) if s.env == SUITE else [envs.get_task(s.env)]
-    name = SUITE if s.env == SUITE else tasks[0].name
-    run_dir = run_dir or Path(s.out_dir) / (s.run_name or f"{name}-seed{s.seed}-{int(time.time())}")
+    tasks = tasks_of(s.env)
+    name = SUITE if s.env == SUITE else "-".join(t.name for t in tasks)
+    seeds = "seeds" + "-".join(map(str, s.seeds)) if s.seeds else f"seed{s.seed}"
+    run_dir = run_dir or Path(s.out_dir) / (s.run_name or f"{name}{'-' + s.ablations if s.ablations else ''}-{seeds}-{int(time.time())}")
     if (run_dir / "settings.json").exists() and not resume:
         sys.exit(f"rl4vlm.py: error: {run_dir} holds a run; continue it with --resume {run_dir} or pick another --run-name")
     rank = int(os.environ.get("RANK", 0))
-    if s.env == SUITE or s.ablations:
+    if len(tasks) > 1 or s.seeds or s.ablations:  # several runs: run_dir/seed<n>/<task>, tables over them
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
         return (run_ablations if s.ablations else run_suite)(s, tasks, run_dir, rank)

@@ -508,11 +508,37 @@ def test_answers_read_the_state_truly():
     assert json.loads(nl.answer({"Target": 4, "Current": 2}, 1, True)) == {
         "current": 2, "target": 4, "thoughts": "target is above current", "action": "+"}
     info = {"Cards": ["2S", "KH"], "Numbers": [2, 10], "Formula": ["2", "+"]}
-    assert json.loads(ez.answer(info, 9, True)) == {"cards": [2, 10], "formula": "2 +", "thoughts": "unused: 10", "action": "10"}
+    assert json.loads(ez.answer(info, 9, True)) == {"cards": [2, 10], "formula": "2 +", "thoughts": "plan: 2 + 10, to write: 10",
+                                                    "action": "10"}
     assert ez.labels(info) == [1, 9]
     info = {"Dealer": [1, 10], "Player": [1, 6]}
     assert json.loads(bj.answer(info, 0, True)) == {"dealer": 1, "player": 17, "thoughts": "soft 17 against 1", "action": "stand"}
     assert bj.labels(info) == [0, 17, 1]
+
+
+def test_points_thoughts_state_the_plan_and_what_is_left_of_it():
+    ez, p24 = envs.get_task("ezpoints"), envs.get_task("points24")
+    cards = lambda numbers, *formula: {"Numbers": numbers, "Formula": list(formula)}
+    # the first solution, shortest then in entry order, that continues the formula: 2 * 6 before 6 * 2
+    assert ez.thought(cards([6, 2])) == "plan: 2 * 6, to write: 2 * 6"
+    assert ez.thought(cards([6, 2], "6")) == "plan: 6 * 2, to write: * 2"
+    assert ez.thought(cards([6, 2], "2", "*", "6")) == "plan: 2 * 6, to write: ="
+    assert ez.thought(cards([6, 2], "2", "+")) == "plan: none, to write: ="   # a dead end
+    assert ez.thought(cards([6, 2], " ")) == "plan: none, to write: ="       # an illegal number left a blank
+    # the expert writes the plan's next entry, "=" once it is written, nothing in a dead end
+    assert [ez.expert(cards([6, 2], *f)) for f in ([], ["6"], ["2", "*", "6"], ["2", "+"])] == [1, 11, 12, None]
+    assert p24.thought(cards([1, 2, 3, 4])) == "plan: 1 * 2 * 3 * 4, to write: 1 * 2 * 3 * 4"
+    assert p24.thought(cards([1, 1, 1, 1])) == "plan: none, to write: ="      # no solution at all
+
+
+def test_warm_start_actions_follow_the_expert_at_the_share_given():
+    rng, n = np.random.default_rng(0), 20_000
+    draws = [rl4vlm.follow_or_random(3, 0.75, 13, rng) for _ in range(n)]
+    # the expert's action with probability 0.75, else uniform over 13 (which includes it): 0.75 + 0.25 / 13
+    assert abs(draws.count(3) / n - (0.75 + 0.25 / 13)) < 0.01
+    assert abs(draws.count(5) / n - 0.25 / 13) < 0.005
+    assert all(rl4vlm.follow_or_random(3, 1.0, 13, rng) == 3 for _ in range(100))
+    assert len({rl4vlm.follow_or_random(None, 1.0, 13, rng) for _ in range(200)}) == 13  # no expert: random
 
 
 def test_blackjack_expert_and_labels_use_only_the_face_up_card():
@@ -1101,9 +1127,15 @@ def test_rollout_logprobs_and_values_equal_a_full_forward(policy):
     with torch.no_grad():
         for x in samples:
             prompt, gen_ids, gen_mask, weights = rl4vlm.collate([x], processor.tokenizer.pad_token_id)
-            logprobs, values, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+            logprobs, values, out = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
             assert abs(float((logprobs * weights).sum()) - x["logprob"]) < 1e-5
             assert abs(float(values[0]) - x["value"]) < 1e-5
+            # the entropy of each step's sampling distribution, -sum p log p over the unsuppressed tokens
+            logits = out.logits[0, :-1].double() / s.temperature
+            p = torch.softmax(logits.index_fill(1, torch.tensor(suppress), -math.inf), -1)
+            entropy = -(p * p.log()).nan_to_num().sum(1)
+            assert torch.allclose(x["entropy"].double(), entropy, atol=1e-4)
+            assert x["n_thought"] == int((weights[0] == s.thought_coef).sum())
 
 
 def test_no_action_plays_a_random_action_and_counts_as_thought(policy, monkeypatch):
@@ -1132,6 +1164,48 @@ def test_nan_loss_is_an_error(policy):
                           [], processor.tokenizer.pad_token_id, np.random.default_rng(0))
 
 
+def test_kl_guard_stops_before_a_step_on_a_minibatch_past_target_kl(policy):
+    """Old log-probs set to the current ones + 0.5: the first minibatch's approx_kl is then
+    (exp(-0.5) - 1) + 0.5 = 0.10653 by hand, before any step."""
+    model, processor, value_head = policy
+    task = envs.get_task("numberline")
+    samples = encoded_samples(processor, task, ["a", "b", "c", "d"], ['{"action": "+"}', '{"action": "-"}'] * 2)
+    prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs, values, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, 0.2, [])
+    for x, lp, v in zip(samples, (logprobs * weights).sum(1).tolist(), values.tolist()):
+        x.update(logprob=lp + 0.5, value=v)
+    params = ppo.lora_parameters(model) + list(value_head.parameters())
+    before = [p.detach().clone() for p in params]
+
+    def update(target_kl):
+        s, _ = settings(target_kl=target_kl, minibatch_size=2, micro_batch=1, update_epochs=2, temperature=0.2)
+        opt = torch.optim.SGD(params, lr=1e-3)
+        return rl4vlm.ppo_update(model, value_head, opt, params, samples, torch.ones(1, 4), torch.ones(1, 4), s,
+                                 [], processor.tokenizer.pad_token_id, np.random.default_rng(0))
+    stats = update(target_kl=0.1)
+    assert stats["optimizer_steps"] == 0 and abs(stats["approx_kl"] - (math.exp(-0.5) - 0.5)) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(before, params)), "no step may be taken past target_kl"
+    stats = update(target_kl=0.2)  # under the guard: every minibatch of both epochs steps
+    assert stats["optimizer_steps"] == 4 and not all(torch.equal(a, b) for a, b in zip(before, params))
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+
+
+def test_diagnostics_on_a_hand_made_batch():
+    x = lambda entropy, n_thought, thought, action: dict(entropy=torch.tensor(entropy), n_thought=n_thought,
+                                                         thought=thought, action=action)
+    samples = [x([1.0, 2.0, 0.5], 2, '{"thoughts": "up", ', 1),   # thought tokens 1, 2; action token 0.5
+               x([3.0, 0.1, 0.2], 1, '{"thoughts": "up", ', 1),   # thought 3; action 0.1, 0.2
+               x([0.0, 0.6], 2, "no action at all", 0),           # no action value: all thought
+               x([0.3], 0, "", 1)]                                # action only
+    d = rl4vlm.diagnostics(samples, ("-", "+"))
+    assert abs(d["thought_entropy"] - (1 + 2 + 3 + 0 + 0.6) / 5) < 1e-6
+    assert abs(d["action_entropy"] - (0.5 + 0.1 + 0.2 + 0.3) / 4) < 1e-6
+    assert d["distinct_thoughts"] == 3 / 4 and d["action_share"] == {"-": 0.25, "+": 0.75}
+
+
 def test_wilson_interval():
     low, high = rl4vlm.wilson(5, 10)
     assert abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4  # textbook value
@@ -1143,7 +1217,13 @@ def test_wilson_interval():
     (["--env", "chess"], "chess"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
-    (["--sft-actions", "oracle"], "--sft-actions must be random or expert"),
+    (["--sft-expert", "1.5"], "--sft-expert must be in [0, 1]"),
+    (["--sft-follow", "-0.1"], "--sft-follow must be in [0, 1]"),
+    (["--target-kl", "-1"], "--target-kl must be >= 0"),
+    (["--ablations", "dropout"], "--ablations must be cot or lambda"),
+    (["--seeds", "1", "1"], "--seeds must differ"),
+    (["--seeds"], "expected at least one argument"),
+    (["--env", "numberline,chess"], "chess"),
     (["--num-steps", "ten"], "invalid int value"),
     (["--model", str(HERE)], "no config.json"),
     (["--resume", str(HERE)], "not a run folder"),
@@ -1212,6 +1292,17 @@ def test_end_to_end_run_writes_metrics_checkpoint_and_resumes_exactly(cache, tmp
         {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
 
 
+def test_a_seed_of_several_gives_what_it_gives_alone(cache, tmp_path):
+    """--seeds runs each seed as --seed would: the tables may gather runs made one seed at a time."""
+    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--total-steps", "16", "--env", "numberline"]
+    both = rl4vlm.main(common + ["--run-name", "both", "--seeds", "2", "1"])
+    alone = rl4vlm.main(common + ["--run-name", "alone", "--seed", "1"])
+    assert strip_timing(read_metrics(tmp_path / "both" / "seed1" / "NumberLine")) == strip_timing(read_metrics(tmp_path / "alone"))
+    assert {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in both["NumberLine", 1].items()} == \
+        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in alone.items()}
+    assert (tmp_path / "both" / "results.md").read_text().count("| NumberLine |") == 3  # 2 stages + diagnostics
+
+
 def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "settings.json").write_text("{}")
@@ -1219,20 +1310,29 @@ def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
         rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "old"])
 
 
-def test_suite_table_has_the_papers_layout():
+def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
     tasks = list(envs.TASKS.values())
-    r = lambda p: dict(success=p, ci_low=p - 0.05, ci_high=p + 0.05, episodes=500)
-    results = {t.name: {"warm_start": r(0.2), "rl": {**r(0.6), **({"solvable": 0.73} if t.solvable else {})}}
-               for t in tasks}
-    md, csv = rl4vlm.suite_tables(tasks, results)
+    r = lambda p, t: dict(success=p, ci_low=p - 0.05, ci_high=p + 0.05, episodes=500, expert_match=p / 2,
+                          **({"solvable": 0.73} if t.solvable else {}))
+    results = {}
+    for seed, (ws, rl) in {1: (0.2, 0.6), 3: (0.1, 0.9)}.items():
+        for t in tasks:
+            results[t.name, seed] = {"warm_start": r(ws, t), "rl": r(rl, t)}
+            folder = tmp_path / f"seed{seed}" / t.name
+            folder.mkdir(parents=True)
+            (folder / "metrics.jsonl").write_text("".join(json.dumps({"approx_kl": kl}) + "\n" for kl in (0.01, 0.02, seed / 10)))
+    md, csv = rl4vlm.suite_tables(tasks, [1, 3], results, tmp_path)
     lines = md.splitlines()
-    assert lines[0] == "| | NumberLine | EZPoints | Points24 | Blackjack | average |"
-    assert lines[2] == "| ours, warm start only | " + " | ".join(["20.0 (15.0-25.0)"] * 4) + " | 20.0 |"
-    assert lines[3] == "| paper, warm start only | 24.8 | 23.0 | 2.6 | 23.1 | 18.4 |"
-    assert lines[5] == "| paper, after RL | 89.4 | 50.0 | 2.3 | 40.2 | 45.5 |"
-    assert "Points24: 73.0% of the evaluated deals can be won." in md
-    assert csv.splitlines()[0] == "task,stage,success,ci_low,ci_high,episodes,solvable,paper"
-    assert len(csv.splitlines()) == 1 + 2 * len(tasks)
+    assert lines[2] == "| task | policy | seed 1 | seed 3 | mean | min-max | paper (7B) |"
+    assert lines[4] == "| NumberLine | warm start only | 20.0 | 10.0 | 15.0 | 10.0-20.0 | 24.8 |"
+    assert lines[5] == "| NumberLine | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 89.4 |"
+    assert lines[11] == "| Blackjack | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 40.2 |"
+    # expert match means over seeds; approx_kl median and max over every update of both seeds
+    assert "| EZPoints | 7.5 | 37.5 | 0.0200 | 0.3000 |" in lines
+    assert "Points24: 73.0% of the evaluated deals can be won at all." in md
+    rows = csv.splitlines()
+    assert rows[0] == "task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"
+    assert rows[1] == "NumberLine,1,warm_start,0.2000,0.1500,0.2500,500,0.1000,,24.8" and len(rows) == 1 + 2 * 2 * len(tasks)
 
 
 def test_gym_cards_is_accepted_as_env():
