@@ -136,7 +136,7 @@ def main():
 
     # where our rollout's time goes, at 32 envs
     profile = Profile()
-    parts = [(rl4vlm, "encode_prompts", "image processing + tokenizing"), (rl4vlm, "token_logprobs", "log-probs"),
+    parts = [(rl4vlm, "encode_prompts", "image processing + tokenizing"), (rl4vlm, "sampling_logprobs", "log-probs"),
              (parse, "parse_action", "parsing"), (rl4vlm, "action_start", "parsing"),
              (rl4vlm.EnvPool, "step", "env stepping"), (rl4vlm, "prompt_values", "bootstrap values")]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in parts]

@@ -576,7 +576,8 @@ def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict
     """Supervised answers written by envs.py, or drawn from the --sft-data file. The states come
     from play that follows the expert with probability sft_follow (random moves otherwise, so
     the answers cover detours too); an answer's thoughts are true (for the Points tasks: the
-    expert's plan), its action is the expert's with probability sft_expert, else random. It trains whatever requires grad (all weights, or LoRA adapters).
+    expert's plan), its action is the expert's with probability sft_expert, else random.
+    It trains whatever requires grad (all weights, or LoRA adapters).
     With `aux`, linear heads predict the state labels (what the picture shows) from
     (1) the flattened projected image features: a from-scratch VLM does not learn to read its
         picture from language loss alone (measured), and
@@ -1148,9 +1149,9 @@ def run_ablations(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
             plot_curves(run_dir / f"seed{seed}" / f"{s.ablations}.png", {k: curve(f) for k, f in folders.items()}, f"seed {seed}")
     if rank == 0:
         paper = lambda t, name: {"with CoT": t.paper["rl"], "without CoT": t.paper["no_cot"]}.get(name, "")
-        md = ["Success % after RL", ""] + seed_rows(
-            [(t.name, name, [results[t.name, name, seed]["rl"] for seed in seeds], paper(t, name))
-             for t in tasks for name in variants], seeds)
+        md = ["Success % (paper: after RL)", ""] + seed_rows(
+            [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds], paper(t, name) if stage == "rl" else "")
+             for t in tasks for name in variants for stage, label in (("warm_start", "warm start"), ("rl", "after RL"))], seeds)
         (run_dir / "ablations.md").write_text("\n".join(md) + "\n")
         print("\n".join(md))
     return results
