@@ -411,6 +411,12 @@ def sampling_logprobs(logits, temperature: float, suppress: list[int]):
     return torch.log_softmax(logits, -1)
 
 
+def state_prompts(processor, task, images, infos, s: Settings) -> tuple[list[dict], dict]:
+    """The task's prompts for a batch of states: the per-sample rows (cached) and the padded batch."""
+    rows = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
+    return rows, pad_prompts(rows, processor.tokenizer.pad_token_id)
+
+
 def token_logprobs(logits, tokens, temperature: float, suppress: list[int]):
     """log p(token) under the sampling distribution: logits (B, T, V) at the positions that
     predict tokens (B, T) -> (B, T) float32."""
@@ -470,8 +476,7 @@ def action_start(tokenizer, gen_ids: list[int], span) -> int:
 def act(model, value_head, processor, task, images, infos, s: Settings, suppress, rng):
     """Sample one answer per env and turn it into an action.
     Returns a list of per-sample dicts (what the PPO update needs) and the actions."""
-    rows = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
-    prompt = pad_prompts(rows, processor.tokenizer.pad_token_id)
+    rows, prompt = state_prompts(processor, task, images, infos, s)
     out = model.generate(**prompt, do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0,
                          max_new_tokens=s.max_new_tokens, suppress_tokens=suppress or None,
                          output_logits=True, output_hidden_states=True, return_dict_in_generate=True)
@@ -592,8 +597,7 @@ def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict
     heads = {}
     if aux:
         empty = torch.zeros(1, 0, dtype=torch.long, device=s.device)
-        first = pad_prompts(encode_prompts(processor, pool.obs[:1], [task.prompt(pool.infos[0], s.cot)], s.device),
-                            tokenizer.pad_token_id)
+        first = state_prompts(processor, task, pool.obs[:1], pool.infos[:1], s)[1]
         probe = forward(model, None, first, empty, empty.bool(), 1.0, [])[2]
         heads = {"image": probe.image_hidden_states.numel(), "prompt": probe.hidden_states[-1].shape[-1]}
         heads = {k: torch.nn.Linear(n, sum(task.label_classes)).to(s.device) for k, n in heads.items()}
@@ -733,8 +737,7 @@ def lora_targets(model, s: Settings) -> str:
 def prompt_values(model, value_head, processor, task, images, infos, s: Settings):
     """V(s) for a batch of states: a prompt-only forward (used for the bootstrap value after
     the last step and for the final state of a truncated episode)."""
-    prompt = pad_prompts(encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device),
-                         processor.tokenizer.pad_token_id)
+    prompt = state_prompts(processor, task, images, infos, s)[1]
     empty = torch.zeros(len(infos), 0, dtype=torch.long, device=s.device)
     return forward(model, value_head, prompt, empty, empty.bool(), 1.0, [])[1]
 
@@ -882,8 +885,7 @@ def expert_match(model, processor, task, s: Settings, suppress, first_seed: int,
     matches = []
     for k in range(0, n, s.eval_envs):
         chunk = states[k:k + s.eval_envs]
-        rows = encode_prompts(processor, [x[0] for x in chunk], [task.prompt(x[1], s.cot) for x in chunk], s.device)
-        prompt = pad_prompts(rows, processor.tokenizer.pad_token_id)
+        prompt = state_prompts(processor, task, [x[0] for x in chunk], [x[1] for x in chunk], s)[1]
         out = model.generate(**prompt, do_sample=False, max_new_tokens=s.max_new_tokens, suppress_tokens=suppress or None)
         texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
         matches += [parse.parse_action(text, task.actions)[0] == x[2] for text, x in zip(texts, chunk)]
