@@ -65,20 +65,17 @@ def drawing_afresh(pool):
     return pool
 
 
-def paper_style_rollout(model, value_head, processor, task, pool, s, suppress, rng, steps):
+def paper_style_rollout(policy, task, pool, s, rng, steps):
     """One env at a time, no caches; after generating, a second full forward gives log-probs and value."""
-    pad = processor.tokenizer.pad_token_id
     cached, rl4vlm.encode_prompts = rl4vlm.encode_prompts, lambda processor, images, prompts, device: [
         rl4vlm.encode_prompt(processor, image, prompt, device) for image, prompt in zip(images, prompts)]
     try:
         for _ in range(steps):
             for i in range(len(pool.envs)):
-                samples, actions = rl4vlm.act(model, value_head, processor, task, [pool.obs[i]], [pool.infos[i]],
-                                              s, suppress, rng)
+                samples = rl4vlm.act(policy, task, [pool.obs[i]], [pool.infos[i]], s, rng)
                 with torch.no_grad():
-                    prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, pad)
-                    rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
-                pool.step(i, actions[0])
+                    rl4vlm.logprobs_and_values(policy, *rl4vlm.collate(samples, policy.pad_id)[:3], s.temperature)
+                pool.step(i, samples[0].action)
     finally:
         rl4vlm.encode_prompts = cached
 
@@ -105,11 +102,11 @@ def main():
     s = rl4vlm.with_task_defaults(rl4vlm.Settings(), task)
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
-    model, processor = rl4vlm.warm_started_policy(s, task, print)
-    model.eval()
+    policy = rl4vlm.warm_started_policy(s, task, print)
+    model = policy.model.eval()
     ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, rl4vlm.lora_targets(model, s))
-    value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
-    suppress = rl4vlm.suppressed_ids(model, processor)
+    policy.value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
+    seeds = range(10**6)
 
     def median_rate(run, count):
         rates = []
@@ -123,15 +120,13 @@ def main():
     rollout_rates = {}
     for n in (1, 8, 32):
         ss = replace(s, num_envs=n, num_steps=args.steps)
-        pool = rl4vlm.EnvPool(task.env_id, n, first_seed=0)
-        rl4vlm.rollout(model, value_head, processor, task, pool, ss, suppress, rng)
-        rollout_rates[f"ours, {n} envs"] = median_rate(
-            lambda: rl4vlm.rollout(model, value_head, processor, task, pool, ss, suppress, rng), n * args.steps)
-    pool = drawing_afresh(rl4vlm.EnvPool(task.env_id, 32, first_seed=0))
+        pool = rl4vlm.EnvPool(task.env_id, n, seeds)
+        rl4vlm.rollout(policy, task, pool, ss, rng)
+        rollout_rates[f"ours, {n} envs"] = median_rate(lambda: rl4vlm.rollout(policy, task, pool, ss, rng), n * args.steps)
+    pool = drawing_afresh(rl4vlm.EnvPool(task.env_id, 32, seeds))
     steps = max(1, args.steps // 4)  # its rate does not grow with steps or envs
     rollout_rates["paper-style, 32 envs"] = median_rate(
-        lambda: paper_style_rollout(model, value_head, processor, task, pool, replace(s, num_envs=32), suppress, rng,
-                                    steps), 32 * steps)
+        lambda: paper_style_rollout(policy, task, pool, replace(s, num_envs=32), rng, steps), 32 * steps)
     speedup = rollout_rates["ours, 32 envs"] / rollout_rates["paper-style, 32 envs"]
 
     # where our rollout's time goes, at 32 envs
@@ -144,10 +139,10 @@ def main():
         setattr(obj, name, profile.wrap(getattr(obj, name), part))
     model.generate = profile.wrap(model.generate, "generation")
     ss = replace(s, num_envs=32, num_steps=args.steps)
-    pool = rl4vlm.EnvPool(task.env_id, 32, first_seed=0)
+    pool = rl4vlm.EnvPool(task.env_id, 32, seeds)
     t0 = time.perf_counter()
-    samples, (rewards, values, next_values, terminated, truncated), _ = rl4vlm.rollout(
-        model, value_head, processor, task, pool, ss, suppress, rng)
+    batch = rl4vlm.rollout(policy, task, pool, ss, rng)
+    samples = batch.samples
     total = time.perf_counter() - t0
     for obj, name, fn in originals:
         setattr(obj, name, fn)
@@ -158,38 +153,37 @@ def main():
     # an env step: ours against drawing every picture afresh, random play
     env_ms = {}
     for t in envs.TASKS.values():
-        ours, fresh = gym.make(t.env_id), drawing_afresh(rl4vlm.EnvPool(t.env_id, 1, first_seed=0)).envs[0]
+        ours, fresh = gym.make(t.env_id), drawing_afresh(rl4vlm.EnvPool(t.env_id, 1, seeds)).envs[0]
         env_step_seconds(ours, 2000, np.random.default_rng(0))  # warm-up: fill the caches
         env_ms[t.name] = dict(ours=1e3 * env_step_seconds(ours, 2000, np.random.default_rng(1)),
                               fresh=1e3 * env_step_seconds(fresh, 200, np.random.default_rng(1)))
 
     # the shortcut: log-probs and values kept from generation against a separate full forward
-    pad = processor.tokenizer.pad_token_id
     diff_logprob = diff_value = 0.0
     with torch.no_grad():
         for k in range(0, len(samples), 32):
-            batch = samples[k:k + 32]
-            prompt, gen_ids, gen_mask, weights = rl4vlm.collate(batch, pad)
-            logprobs, v, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
-            diff_logprob = max(diff_logprob, float(((logprobs * weights).sum(1) - torch.tensor([x["logprob"] for x in batch])).abs().max()))
-            diff_value = max(diff_value, float((v - torch.tensor([x["value"] for x in batch])).abs().max()))
+            chunk = samples[k:k + 32]
+            prompt, gen_ids, gen_mask, weights = rl4vlm.collate(chunk, policy.pad_id)
+            logprobs, v = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask, s.temperature)
+            diff_logprob = max(diff_logprob, float(((logprobs * weights).sum(1) - torch.tensor([x.logprob for x in chunk])).abs().max()))
+            diff_value = max(diff_value, float((v - torch.tensor([x.value for x in chunk])).abs().max()))
 
     # PPO update, one epoch over the rollout's samples, at several micro-batch sizes
-    advantages, returns = ppo.compute_gae(rewards, values, next_values, terminated, truncated, s.gamma, s.gae_lambda)
-    params = ppo.lora_parameters(model) + list(value_head.parameters())
+    advantages, returns = ppo.compute_gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                                          batch.truncated, s.gamma, s.gae_lambda)
+    params = ppo.lora_parameters(model) + list(policy.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: every measurement sees the same weights
     update_rates = {}
     for micro in (8, 16, 32, 64, 128):
         us = replace(s, update_epochs=1, micro_batch=micro)
-        update_rates[micro] = median_rate(lambda: rl4vlm.ppo_update(model, value_head, optimizer, params, samples,
-                                                                    advantages, returns, us, suppress, pad, rng), len(samples))
+        update_rates[micro] = median_rate(lambda: rl4vlm.ppo_update(policy, optimizer, samples, advantages, returns, us, rng),
+                                          len(samples))
 
     # evaluation: the training batch against the evaluation default
     eval_rates = {}
     for n in sorted({s.num_envs, 64, 128, 256, s.eval_envs}):
         es = replace(s, eval_envs=n, eval_episodes=256)
-        eval_rates[n] = median_rate(lambda: rl4vlm.evaluate(model, value_head, processor, task, es, suppress,
-                                                            lambda *a: None, ""), es.eval_episodes)
+        eval_rates[n] = median_rate(lambda: rl4vlm.evaluate(policy, task, es, lambda *a: None, ""), es.eval_episodes)
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Generation's cached pass and a full pass round differently in float32 (about 2.5e-6 in logit

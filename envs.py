@@ -13,7 +13,7 @@ What lives here:
 
 Behaviour follows the rules file exactly. Choices the rules leave open:
 - A Points formula is evaluated by walking its Python syntax tree (same results as eval on the joined
-  text), except that an integer power above 2**65536 counts as no number instead of hanging; see evaluate().
+  text), except that an integer power above 2**65536 counts as no number instead of hanging; see formula_value().
 - Blackjack draws its cards from np_random exactly as gymnasium's Blackjack-v1 does (same seed, same
   cards, same rewards; tested). To keep that so, only the dealer's face-up card gets a drawn suit (the
   draw gymnasium makes); the player's cards take suits in a fixed order, which carry no information.
@@ -275,7 +275,7 @@ UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 MAX_POWER_BITS = 1 << 16
 
 
-def evaluate(text):
+def formula_value(text):
     """What eval(text) gives for a formula's joined text, or None where eval fails or gives no number.
 
     Walks the syntax tree and applies Python's own operators, so results (float rounding, int exactness,
@@ -334,7 +334,7 @@ class PointsEnv(GymCardsEnv):
             self.formula.append(" ")  # a number used more often than the cards allow leaves a blank
             return -1.0, False, False
         if entry == "=":
-            solved = (evaluate("".join(self.formula)) == self.target
+            solved = (formula_value("".join(self.formula)) == self.target
                       and sorted(number_entries(self.formula)) == sorted(self.numbers))
             return (10.0 if solved else -1.0), True, False
         self.formula.append(entry)
@@ -596,6 +596,14 @@ class Task:
         return (f"You are playing {self.name}. {self.goal} {self.context(info)}Legal actions: {legal}. "
                 f'Answer in JSON: {{{fields}"action": "<legal action>"}}')
 
+    def random_action(self, rng):
+        """A uniformly random legal action (the paper's fallback when the text names none)."""
+        return int(rng.integers(len(self.actions)))
+
+    def follow_or_random(self, expert, share, rng):
+        """The expert's action with probability `share` (where it has one), else a random one."""
+        return expert if expert is not None and rng.random() < share else self.random_action(rng)
+
     def answer(self, info, action, cot):
         assert 0 <= action < len(self.actions), f"action {action} not in 0..{len(self.actions) - 1}"
         fields = {**self.read(info), "thoughts": self.thought(info)} if cot else {}
@@ -701,11 +709,6 @@ def expert_returns(task, episodes, seed, policy=None):
     return returns
 
 
-def random_policy(task):
-    """Uniformly random legal actions: the decisions of a warm start on random actions."""
-    return lambda info, rng: int(rng.integers(len(task.actions)))
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="folder for sample pictures (300 px, and shrunk to 64 and 96 px)")
@@ -732,7 +735,7 @@ if __name__ == "__main__":
         for task in TASKS.values():
             returns = expert_returns(task, args.episodes, args.seed)
             rate = np.mean([is_success(r) for r in returns])
-            chance = np.mean([is_success(r) for r in expert_returns(task, args.episodes, args.seed, random_policy(task))])
+            chance = np.mean([is_success(r) for r in expert_returns(task, args.episodes, args.seed, lambda info, rng: task.random_action(rng))])
             print(f"{task.name}: expert success {rate:.4f}, random actions {chance:.4f}, "
                   f"over {args.episodes} episodes (seed {args.seed})")
         env, played = Points24Env(), []

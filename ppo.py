@@ -22,8 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,7 +62,7 @@ def explained_variance(values, returns):
 
 
 def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns,
-             clip_coef=0.1, vf_coef=0.5, clip_vloss=True, entropy=None, ent_coef=0.0):
+             clip_coef=0.1, vf_coef=0.5, clip_vloss=True):
     """The clipped PPO loss on one minibatch of (B,) tensors -> (loss, stats of floats)."""
     tensors = (new_logprobs, old_logprobs, advantages, new_values, old_values, returns)
     assert len({x.shape for x in tensors}) == 1, f"shapes differ: {[tuple(x.shape) for x in tensors]}"
@@ -90,9 +88,6 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
             "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
             "explained_variance": explained_variance(old_values, returns),
         }
-    if entropy is not None:
-        loss = loss - ent_coef * entropy.mean()
-        stats["entropy"] = entropy.mean().item()
     return loss, stats
 
 
@@ -116,13 +111,10 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT does
         nn.init.zeros_(self.lora_B.weight)  # so the wrapped model starts exactly as the base model
         self.lora_dropout = nn.Dropout(dropout)
-        self.enabled = True
         self.train(base.training)  # new modules start in training mode; follow the model's (dropout!)
 
     def forward(self, x):  # (..., in) -> (..., out)
         result = F.linear(x, self.weight, self.bias)
-        if not self.enabled:
-            return result
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return result + (update * self.scaling).to(result.dtype)
 
@@ -159,24 +151,6 @@ def add_lora(model, rank, alpha, dropout, targets):
     return names
 
 
-def set_lora_enabled(model, enabled: bool):
-    for _, m in lora_modules(model):
-        m.enabled = enabled
-
-
-@contextmanager
-def lora_disabled(model):
-    """The base model, e.g. as a reference policy, without keeping a second copy of its weights."""
-    modules = [m for _, m in lora_modules(model)]
-    before = [m.enabled for m in modules]
-    set_lora_enabled(model, False)
-    try:
-        yield model
-    finally:
-        for m, enabled in zip(modules, before):
-            m.enabled = enabled
-
-
 @torch.no_grad()
 def merge_lora(model):
     """Fold scaling * B @ A into each base weight and put plain nn.Linear layers back, for inference."""
@@ -193,20 +167,9 @@ def merge_lora(model):
 CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 
-def _write_atomically(path, write):
-    """write(tmp_path), then rename: a crash never leaves half a file under `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_adapter(model, folder, base_model_name_or_path=None):
-    """Write folder/adapter_config.json and folder/adapter_model.safetensors as PEFT does."""
+    """Write folder/adapter_config.json and folder/adapter_model.safetensors as PEFT does.
+    (Not atomic by itself: rl4vlm writes checkpoints to a temporary folder, then renames it.)"""
     modules = lora_modules(model)
     assert modules, "the model has no LoRA layers; call add_lora first"
     _, first = modules[0]
@@ -229,10 +192,8 @@ def save_adapter(model, folder, base_model_name_or_path=None):
     tensors = {f"{PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
                for n, m in modules for ab in ("lora_A", "lora_B")}
     os.makedirs(folder, exist_ok=True)
-    write_weights = lambda path: save_file(tensors, path, metadata={"format": "pt"})
-    write_config = lambda path: Path(path).write_text(json.dumps(config, indent=2))
-    _write_atomically(os.path.join(folder, WEIGHTS_NAME), write_weights)
-    _write_atomically(os.path.join(folder, CONFIG_NAME), write_config)
+    save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    Path(folder, CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -169,6 +170,9 @@ def check_settings(s: Settings) -> None:
     for name in ["thought_coef", "vf_coef", "format_penalty", "threads", "lr_min", "target_kl"]:
         if getattr(s, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    for seed in [s.seed, *s.seeds]:
+        if not 0 <= seed < MAX_SEED:
+            raise ValueError(f"--seed must be in 0..{MAX_SEED - 1}, got {seed}")
     if s.sft_steps is not None and s.sft_steps < 0:
         raise ValueError(f"--sft-steps must be >= 0, got {s.sft_steps}")
     if s.ablations not in ("", "cot", "lambda"):
@@ -230,7 +234,7 @@ def task_corpus(seed: int, episodes: int = 100) -> list[str]:
             _, info = env.reset(seed=seed + episode)
             done = False
             while not done:
-                action = follow_or_random(task.expert(info), 0.5, len(task.actions), rng)
+                action = task.follow_or_random(task.expert(info), 0.5, rng)
                 for cot in (True, False):
                     texts += [task.prompt(info, cot), task.answer(info, action, cot)]
                 _, _, terminated, truncated, info = env.step(action)
@@ -302,7 +306,24 @@ def save_atomically(folder: Path, write) -> None:
     os.replace(tmp, folder)
 
 
-def load_policy(path: str, device: str, dtype: str = "float32"):
+@dataclass
+class Policy:
+    """What travels together through generation, log-probs and training: the model, its
+    processor and value head, and what follows from them once."""
+    model: torch.nn.Module
+    processor: object
+    value_head: ppo.ValueHead | None = None  # added for RL
+    stop_ids: list[int] = field(init=False)  # end-of-turn tokens: an answer ends at the first
+    suppress: list[int] = field(init=False)  # special tokens never sampled (an image token would break the next forward)
+    pad_id: int = field(init=False)
+
+    def __post_init__(self):
+        self.stop_ids = [int(i) for i in np.atleast_1d(self.model.generation_config.eos_token_id)]
+        self.suppress = sorted(set(self.processor.tokenizer.all_special_ids) - set(self.stop_ids))
+        self.pad_id = self.processor.tokenizer.pad_token_id
+
+
+def load_policy(path: str, device: str, dtype: str = "float32") -> Policy:
     """Model and processor through the Auto classes, with a clear error for anything that is
     not an image-text-to-text model with a chat template."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
@@ -323,14 +344,7 @@ def load_policy(path: str, device: str, dtype: str = "float32"):
     # generation defaults (top_k, top_p, repetition penalty...), keep only its stop tokens.
     eos = model.generation_config.eos_token_id or processor.tokenizer.eos_token_id
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
-    return model, processor
-
-
-def suppressed_ids(model, processor) -> list[int]:
-    """Special tokens the policy may not sample: all of them but the model's stop tokens.
-    A sampled image token, say, would break the next training forward."""
-    stop = {int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)}
-    return sorted(set(processor.tokenizer.all_special_ids) - stop)
+    return Policy(model, processor)
 
 
 # ----------------------------------------------------------------------------------------
@@ -411,23 +425,33 @@ def sampling_logprobs(logits, temperature: float, suppress: list[int]):
     return torch.log_softmax(logits, -1)
 
 
-def state_prompts(processor, task, images, infos, s: Settings) -> tuple[list[dict], dict]:
+def state_prompts(policy: Policy, task, images, infos, s: Settings) -> tuple[list[dict], dict]:
     """The task's prompts for a batch of states: the per-sample rows (cached) and the padded batch."""
-    rows = encode_prompts(processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
-    return rows, pad_prompts(rows, processor.tokenizer.pad_token_id)
+    rows = encode_prompts(policy.processor, images, [task.prompt(info, s.cot) for info in infos], s.device)
+    return rows, pad_prompts(rows, policy.pad_id)
 
 
-def token_logprobs(logits, tokens, temperature: float, suppress: list[int]):
-    """log p(token) under the sampling distribution: logits (B, T, V) at the positions that
-    predict tokens (B, T) -> (B, T) float32."""
-    return sampling_logprobs(logits, temperature, suppress).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def pad_answers(answers: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answers of different lengths (G_i,) -> gen_ids (B, G) right-padded with pad_id, gen_mask (B, G)."""
+    G = max(len(a) for a in answers)
+    return (torch.stack([F.pad(a, (0, G - len(a)), value=pad_id) for a in answers]),
+            torch.stack([torch.arange(G) < len(a) for a in answers]))
 
 
-def forward(model, value_head, prompt: dict, gen_ids, gen_mask, temperature, suppress):
+def position_ids(model, ids, mask, extra: dict):
+    """The position ids generate() gives a left-padded batch: counted from each row's first real
+    token, 3-D for Qwen2-VL's multimodal RoPE. transformers has no public route to them, so this
+    is the one call of a private method, the one generate() uses itself; the tests that match
+    the sampling pass's log-probs against forward() for every model family fail if it changes,
+    and test_position_ids_count_from_the_first_real_token checks it by hand."""
+    return model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
+
+
+def forward(model, prompt: dict, gen_ids, gen_mask, temperature: float = 1.0, suppress=()):
     """One pass over prompt + generated tokens.
     prompt: left-padded processor output (input_ids (B, P), ...); gen_ids, gen_mask (B, G).
-    Returns log p of each generated token (B, G) (0 at padding), the value of the prompt (B,)
-    and the model output (for the warm start's image features)."""
+    Returns log p of each generated token (B, G) under the sampling distribution (0 at padding)
+    and the model output; out.hidden_states[-1][:, P - 1] is the last prompt token's state."""
     (B, P), G = prompt["input_ids"].shape, gen_ids.shape[1]
     ids = torch.cat([prompt["input_ids"], gen_ids], 1)                       # (B, P+G)
     mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
@@ -435,22 +459,20 @@ def forward(model, value_head, prompt: dict, gen_ids, gen_mask, temperature, sup
     # 0 (text) over the answer
     extra = {k: torch.cat([v, v.new_zeros(B, G)], 1) if v.shape == (B, P) else v
              for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
-    # the positions generate() uses: from the left padding on, 3-D for Qwen2-VL's multimodal RoPE
-    positions = model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
     # logits only at the G + 1 last positions: P - 1 .. P + G - 2 predict the answer's tokens, and
     # the LM head over the prompt would be wasted work (half the compute of a small model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
-                use_cache=False, logits_to_keep=G + 1, **extra)
-    logprobs = token_logprobs(out.logits[:, :-1], gen_ids, temperature, suppress).where(gen_mask, 0.0)
-    values = value_head(out.hidden_states[-1][:, P - 1]) if value_head is not None else None
-    return logprobs, values, out
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(model, ids, mask, extra),
+                output_hidden_states=True, use_cache=False, logits_to_keep=G + 1, **extra)
+    logp = sampling_logprobs(out.logits[:, :-1], temperature, suppress)                 # (B, G, V)
+    logprobs = logp.gather(-1, gen_ids.unsqueeze(-1)).squeeze(-1).where(gen_mask, 0.0)  # (B, G)
+    return logprobs, out
 
 
-def token_weights(tokenizer, gen_ids: list[int], span, thought_coef: float) -> list[float]:
-    """Weight of each generated token in log pi(a|s): thought_coef before the action value,
-    1 from the token holding its first character on."""
-    first = action_start(tokenizer, gen_ids, span)
-    return [thought_coef] * first + [1.0] * (len(gen_ids) - first)
+def logprobs_and_values(policy: Policy, prompt: dict, gen_ids, gen_mask, temperature: float):
+    """log p of each answer token under the sampling distribution (B, G) and V(s) from the last
+    prompt token's hidden state (B,), in one forward."""
+    logprobs, out = forward(policy.model, prompt, gen_ids, gen_mask, temperature, policy.suppress)
+    return logprobs, policy.value_head(out.hidden_states[-1][:, prompt["input_ids"].shape[1] - 1])
 
 
 def action_start(tokenizer, gen_ids: list[int], span) -> int:
@@ -472,83 +494,107 @@ def action_start(tokenizer, gen_ids: list[int], span) -> int:
     return lo
 
 
+@dataclass
+class Sample:
+    """One sampled answer to one state: what the PPO update and the diagnostics need."""
+    prompt: dict           # the processor's output for the state, batch dim 1 (shared with the prompt cache: read only)
+    gen_ids: torch.Tensor  # (G,) the answer's tokens, up to and including its end-of-turn token
+    weights: torch.Tensor  # (G,) thought_coef on thought tokens, 1 on action tokens
+    logprob: float         # log pi(a|s) = sum(weights * log p(token)) while sampling
+    value: float           # V(s) while sampling
+    entropy: torch.Tensor  # (G,) entropy of the sampling distribution at each token
+    text: str
+    n_thought: int         # tokens before the first action token (all of them without an action value)
+    thought: str           # the text before the action value (all of it without one)
+    action: int            # the action played: the text's, or a random one (format failure)
+    format_ok: bool
+
+
 @torch.no_grad()
-def act(model, value_head, processor, task, images, infos, s: Settings, suppress, rng):
-    """Sample one answer per env and turn it into an action.
-    Returns a list of per-sample dicts (what the PPO update needs) and the actions."""
-    rows, prompt = state_prompts(processor, task, images, infos, s)
-    out = model.generate(**prompt, do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0,
-                         max_new_tokens=s.max_new_tokens, suppress_tokens=suppress or None,
-                         output_logits=True, output_hidden_states=True, return_dict_in_generate=True)
+def act(policy: Policy, task, images, infos, s: Settings, rng) -> list[Sample]:
+    """Sample one answer per state and turn it into an action."""
+    rows, prompt = state_prompts(policy, task, images, infos, s)
+    out = policy.model.generate(**prompt, do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=s.max_new_tokens, suppress_tokens=policy.suppress or None,
+                                output_logits=True, output_hidden_states=True, return_dict_in_generate=True)
     P = prompt["input_ids"].shape[1]
     gen_ids = out.sequences[:, P:]                                           # (B, G)
     # tokens up to and including the first end-of-turn token are the answer; the rest is padding
-    is_end = torch.isin(gen_ids, torch.tensor(np.atleast_1d(model.generation_config.eos_token_id), device=gen_ids.device))
+    is_end = torch.isin(gen_ids, torch.tensor(policy.stop_ids, device=gen_ids.device))
     gen_mask = (is_end.long().cumsum(1) - is_end.long()) == 0
     # one generation step at a time: stacking the logits first would hold (B, G, V) floats twice or more
     logprobs, entropy = (gen_ids.new_zeros(gen_ids.shape, dtype=torch.float32) for _ in range(2))  # (B, G)
     for k, logits in enumerate(out.logits):
-        logp = sampling_logprobs(logits, s.temperature, suppress)           # (B, V)
+        logp = sampling_logprobs(logits, s.temperature, policy.suppress)    # (B, V)
         logprobs[:, k] = logp.gather(1, gen_ids[:, k:k + 1]).squeeze(1)
         entropy[:, k] = torch.special.entr(logp.exp()).sum(1)               # -sum p log p, 0 log 0 = 0
-    values = value_head(out.hidden_states[0][-1][:, -1])                     # last prompt token, last layer
-    samples, actions = [], []
+    values = policy.value_head(out.hidden_states[0][-1][:, -1])              # prompt pass, last layer, last token
+    samples = []
     for i in range(len(infos)):
         ids = gen_ids[i][gen_mask[i]].tolist()
-        text = processor.tokenizer.decode(ids, skip_special_tokens=True)
+        text = policy.processor.tokenizer.decode(ids, skip_special_tokens=True)
         action, span = parse.parse_action(text, task.actions)
-        first = action_start(processor.tokenizer, ids, span)
+        first = action_start(policy.processor.tokenizer, ids, span)
         weights = torch.tensor([s.thought_coef] * first + [1.0] * (len(ids) - first))
         if action is None:  # the paper plays a random legal action; counted as a format failure
-            action = int(rng.integers(len(task.actions)))
-        samples.append(dict(prompt=rows[i], gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
-                            logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
-                            text=text, format_ok=span is not None, action=action,
-                            thought=text[:span[0]] if span else text, entropy=entropy[i, :len(ids)], n_thought=first))
-        actions.append(action)
-    return samples, actions
+            action = task.random_action(rng)
+        samples.append(Sample(prompt=rows[i], gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
+                              logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
+                              entropy=entropy[i, :len(ids)], text=text, n_thought=first, thought=text[:span[0]] if span else text,
+                              action=action, format_ok=span is not None))
+    return samples
 
 
-def diagnostics(samples: list[dict], action_names) -> dict:
+def diagnostics(samples: list[Sample], action_names) -> dict:
     """The method's known failure modes, per batch: the mean entropy (nats) of the sampling
     distribution over thought tokens and over action tokens, the share of distinct thoughts
     (the text before the action value; thought collapse, GTR arXiv 2503.08525, drives it
     down) and the share of each action played (a policy collapsing onto one action)."""
-    thought = torch.cat([x["entropy"][:x["n_thought"]] for x in samples])
-    action = torch.cat([x["entropy"][x["n_thought"]:] for x in samples])
-    played = np.bincount([x["action"] for x in samples], minlength=len(action_names)) / len(samples)
+    thought = torch.cat([x.entropy[:x.n_thought] for x in samples])
+    action = torch.cat([x.entropy[x.n_thought:] for x in samples])
+    played = np.bincount([x.action for x in samples], minlength=len(action_names)) / len(samples)
     return dict(thought_entropy=float(thought.mean()) if len(thought) else math.nan,
                 action_entropy=float(action.mean()) if len(action) else math.nan,
-                distinct_thoughts=len({x["thought"] for x in samples}) / len(samples),
+                distinct_thoughts=len({x.thought for x in samples}) / len(samples),
                 action_share={name: round(float(p), 4) for name, p in zip(action_names, played)})
 
 
-def collate(samples: list[dict], pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples of different lengths -> left-padded prompts, right-padded answers.
-    Returns prompt dict, gen_ids (B, G), gen_mask (B, G), weights (B, G)."""
-    prompt = pad_prompts([x["prompt"] for x in samples], pad_id)
-    G = max(len(x["gen_ids"]) for x in samples)
-    gen_ids = torch.stack([F.pad(x["gen_ids"], (0, G - len(x["gen_ids"])), value=pad_id) for x in samples])
-    gen_mask = torch.stack([torch.arange(G) < len(x["gen_ids"]) for x in samples])
-    weights = torch.stack([F.pad(x["weights"], (0, G - len(x["weights"]))) for x in samples])
-    return prompt, gen_ids, gen_mask, weights
+def collate(samples: list[Sample], pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples -> left-padded prompts; right-padded gen_ids, gen_mask and weights (B, G)."""
+    gen_ids, gen_mask = pad_answers([x.gen_ids for x in samples], pad_id)
+    weights = torch.stack([F.pad(x.weights, (0, gen_ids.shape[1] - len(x.weights))) for x in samples])
+    return pad_prompts([x.prompt for x in samples], pad_id), gen_ids, gen_mask, weights
 
 
 # ----------------------------------------------------------------------------------------
-# Environments: num_envs copies of one task; every episode gets the next seed of a counter,
-# so a run's episodes do not depend on how they were batched.
+# Random streams and environments. A stream is a range of episode seeds: training (per rank),
+# evaluation and the warm start's states.
+MAX_SEED = 1000
+
+
+def stream(name: str, seed: int, rank: int = 0) -> range:
+    """The episode seeds of a stream, in the order its episodes are played."""
+    first = {"train": seed * 10**6 + rank * 10**5, "eval": 10**9 + seed * 10**6, "warm_start": seed * 1_000_003 + 7}[name]
+    return range(first, first + 10**5)
+
 
 class EnvPool:
-    def __init__(self, env_id: str, num_envs: int, first_seed: int):
+    """num_envs copies of one task; every episode gets the next seed of the stream, so a run's
+    episodes do not depend on how they were batched. (gymnasium's vector envs seed each env once
+    and then continue its generator: a deal would depend on which env played it.)"""
+
+    def __init__(self, env_id: str, num_envs: int, seeds: range):
         # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
         self.envs = [gym.make(env_id, disable_env_checker=True) for _ in range(num_envs)]
-        self.next_seed = first_seed
+        self.seeds, self.next_seed = seeds, seeds.start
         self.obs, self.infos = [None] * num_envs, [None] * num_envs
         self.returns = np.zeros(num_envs)
         for i in range(num_envs):
             self.reset(i)
 
     def reset(self, i: int) -> None:
+        if self.next_seed not in self.seeds:
+            raise RuntimeError(f"the stream's {len(self.seeds):,} episode seeds are used up")
         self.obs[i], self.infos[i] = self.envs[i].reset(seed=self.next_seed)
         self.next_seed += 1
         self.returns[i] = 0.0
@@ -577,84 +623,101 @@ class EnvPool:
 # ----------------------------------------------------------------------------------------
 # Warm start (the paper's SFT step).
 
-def warm_start(model, processor, task, s: Settings, aux: bool, rng, log) -> dict:
-    """Supervised answers written by envs.py, or drawn from the --sft-data file. The states come
-    from play that follows the expert with probability sft_follow (random moves otherwise, so
-    the answers cover detours too); an answer's thoughts are true (for the Points tasks: the
-    expert's plan), its action is the expert's with probability sft_expert, else random.
-    It trains whatever requires grad (all weights, or LoRA adapters).
-    With `aux`, linear heads predict the state labels (what the picture shows) from
+def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
+    """Supervised answers: written by envs.py for states of play (states_batches), or rows of
+    the --sft-data file (file_batches). Trains whatever requires grad (all weights, or LoRA).
+    With `aux` (states of play only: a file has no labels), linear heads predict the state's
+    labels (what the picture shows) from
     (1) the flattened projected image features: a from-scratch VLM does not learn to read its
         picture from language loss alone (measured), and
     (2) the last prompt token's hidden state, the value head's input: the answer's first token
         is the same for every state, so nothing else makes that position carry the state.
     The heads are dropped after the warm start."""
-    data = read_sft_data(s.sft_data) if s.sft_data else None
-    pool = None if data else EnvPool(task.env_id, s.sft_batch, first_seed=s.seed * 1_000_003 + 7)
-    tokenizer = processor.tokenizer
-    stops = tokenizer.convert_ids_to_tokens([int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)])
-    params = [p for p in model.parameters() if p.requires_grad]
-    heads = {}
-    if aux:
-        empty = torch.zeros(1, 0, dtype=torch.long, device=s.device)
-        first = state_prompts(processor, task, pool.obs[:1], pool.infos[:1], s)[1]
-        probe = forward(model, None, first, empty, empty.bool(), 1.0, [])[2]
-        heads = {"image": probe.image_hidden_states.numel(), "prompt": probe.hidden_states[-1].shape[-1]}
-        heads = {k: torch.nn.Linear(n, sum(task.label_classes)).to(s.device) for k, n in heads.items()}
-        params += [p for head in heads.values() for p in head.parameters()]
+    if aux and s.sft_data:
+        raise ValueError("the perception loss needs the env's labels, which --sft-data does not have")
+    batches = file_batches(s, rng) if s.sft_data else states_batches(task, s, rng)
+    first = next(batches)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    heads = perception_heads(policy, task, first, s) if aux else {}
+    params += [p for head in heads.values() for p in head.parameters()]
     opt = torch.optim.AdamW(params, lr=s.sft_lr)
-    model.train()
+    policy.model.train()
     t0, stats = time.time(), {}
-    for step in range(1, s.sft_steps + 1):
-        if data:
-            rows = [data[k] for k in rng.integers(len(data), size=s.sft_batch)]
-            images = [np.asarray(Image.open(r["image"]).convert("RGB")) for r in rows]
-            prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
-        else:
-            images, infos = list(pool.obs), list(pool.infos)
-            experts = [task.expert(info) for info in infos]
-            actions = [follow_or_random(e, s.sft_expert, len(task.actions), rng) for e in experts]
-            prompts = [task.prompt(info, s.cot) for info in infos]
-            answers = [task.answer(i, a, s.cot) for i, a in zip(infos, actions)]
-        answers = [tokenizer(answer_text(processor, p, a, stops), add_special_tokens=False)["input_ids"]
-                   for p, a in zip(prompts, answers)]
-        # the same batch layout as the PPO update: left-padded prompts, right-padded answers
-        prompt, gen_ids, gen_mask, _ = collate(
-            [dict(prompt=row, gen_ids=torch.tensor(a), weights=torch.ones(len(a)))
-             for row, a in zip(encode_prompts(processor, images, prompts, s.device), answers)], tokenizer.pad_token_id)
-        gen_ids, gen_mask = gen_ids.to(s.device), gen_mask.to(s.device)
-        logprobs, _, out = forward(model, None, prompt, gen_ids, gen_mask, 1.0, [])
-        loss = lm_loss = -logprobs.sum() / gen_mask.sum()
-        if heads:
-            P = prompt["input_ids"].shape[1]
-            features = {"image": out.image_hidden_states.reshape(len(infos), -1).float(),  # (B, tokens * hidden), raw
-                        "prompt": out.hidden_states[-1][:, P - 1].float()}                 # (B, hidden)
-            labels = torch.tensor([task.labels(info) for info in infos], device=s.device)  # (B, n_labels)
-            for name, head in heads.items():
-                logits = head(features[name]).split(list(task.label_classes), dim=1)
-                loss = loss + sum(F.cross_entropy(lg, labels[:, j]) for j, lg in enumerate(logits))
-                stats[f"{name}_acc"] = torch.stack([lg.argmax(1) == labels[:, j] for j, lg in enumerate(logits)]).float().mean().item()
-        assert torch.isfinite(loss), f"warm start: loss is {loss.item()} at step {step}"
+    for step, batch in enumerate(itertools.chain([first], batches), 1):
+        loss, stats = sft_loss(policy, heads, task, *batch, s)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"warm start: loss is {loss.item()} at step {step}")
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         opt.step()
-        stats.update(step=step, lm_loss=lm_loss.item(), loss=loss.item())
         if step % 50 == 0 or step == s.sft_steps:
             rate = step / (time.time() - t0)
-            log(f"warm start {step}/{s.sft_steps}  lm_loss {lm_loss.item():.3f}  "
-                + "".join(f"{k} {v:.2f}  " for k, v in stats.items() if k.endswith("_acc"))
+            log(f"warm start {step}/{s.sft_steps}  " + "".join(f"{k} {v:.3f}  " for k, v in stats.items())
                 + f"{rate:.1f} steps/s  eta {(s.sft_steps - step) / rate:.0f}s")
-        if not data:  # next states: along the expert's path, with random detours
-            for i, e in enumerate(experts):
-                pool.step(i, follow_or_random(e, s.sft_follow, len(task.actions), rng))
-    model.eval()
-    return stats
+        if step == s.sft_steps:
+            break
+    policy.model.eval()
+    return dict(step=step, **stats)
 
 
-def follow_or_random(expert: int | None, share: float, n: int, rng) -> int:
-    """The expert's action with probability `share` (where it has one), else a uniformly random one."""
-    return expert if expert is not None and rng.random() < share else int(rng.integers(n))
+def states_batches(task, s: Settings, rng):
+    """Batches of (pictures, prompts, answers, labels) from play that follows the expert with
+    probability sft_follow (random moves otherwise, so that the answers cover detours too). An
+    answer's thoughts are true (for the Points tasks: the expert's plan); its action is the
+    expert's with probability sft_expert, else random."""
+    pool = EnvPool(task.env_id, s.sft_batch, stream("warm_start", s.seed))
+    while True:
+        infos = list(pool.infos)
+        experts = [task.expert(info) for info in infos]
+        actions = [task.follow_or_random(e, s.sft_expert, rng) for e in experts]
+        yield (list(pool.obs), [task.prompt(info, s.cot) for info in infos],
+               [task.answer(info, a, s.cot) for info, a in zip(infos, actions)], [task.labels(i) for i in infos])
+        for i, e in enumerate(experts):  # the next states: along the expert's path, with random detours
+            pool.step(i, task.follow_or_random(e, s.sft_follow, rng))
+
+
+def file_batches(s: Settings, rng):
+    """Batches of (pictures, prompts, answers, no labels) drawn from the --sft-data rows."""
+    data = read_sft_data(s.sft_data)
+    while True:
+        rows = [data[k] for k in rng.integers(len(data), size=s.sft_batch)]
+        yield ([np.asarray(Image.open(r["image"]).convert("RGB")) for r in rows],
+               [r["prompt"] for r in rows], [r["answer"] for r in rows], None)
+
+
+def perception_heads(policy: Policy, task, batch, s: Settings) -> dict:
+    """One linear head per feature the perception loss reads, sized by a probe of the first state."""
+    rows = encode_prompts(policy.processor, batch[0][:1], batch[1][:1], s.device)
+    empty = torch.zeros(1, 0, dtype=torch.long, device=s.device)
+    probe = forward(policy.model, pad_prompts(rows, policy.pad_id), empty, empty.bool())[1]
+    sizes = {"image": probe.image_hidden_states.numel(), "prompt": probe.hidden_states[-1].shape[-1]}
+    return {k: torch.nn.Linear(n, sum(task.label_classes)).to(s.device) for k, n in sizes.items()}
+
+
+def sft_loss(policy: Policy, heads: dict, task, images, prompts, answers, labels, s: Settings):
+    """The warm start's loss on one batch: the answers' mean token negative log-likelihood, plus
+    the perception heads' cross-entropy if there are heads. Returns (loss, stats)."""
+    tokenizer = policy.processor.tokenizer
+    stops = tokenizer.convert_ids_to_tokens(policy.stop_ids)
+    answers = [torch.tensor(tokenizer(answer_text(policy.processor, p, a, stops), add_special_tokens=False)["input_ids"])
+               for p, a in zip(prompts, answers)]
+    # the same batch layout as the PPO update: left-padded prompts, right-padded answers
+    prompt = pad_prompts(encode_prompts(policy.processor, images, prompts, s.device), policy.pad_id)
+    gen_ids, gen_mask = (x.to(s.device) for x in pad_answers(answers, policy.pad_id))
+    logprobs, out = forward(policy.model, prompt, gen_ids, gen_mask)
+    loss = lm_loss = -logprobs.sum() / gen_mask.sum()
+    stats = {}
+    if heads:
+        P = prompt["input_ids"].shape[1]
+        features = {"image": out.image_hidden_states.reshape(len(images), -1).float(),  # (B, tokens * hidden), raw
+                    "prompt": out.hidden_states[-1][:, P - 1].float()}                 # (B, hidden)
+        labels = torch.tensor(labels, device=s.device)                                # (B, n_labels)
+        for name, head in heads.items():
+            logits = head(features[name]).split(list(task.label_classes), dim=1)
+            loss = loss + sum(F.cross_entropy(lg, labels[:, j]) for j, lg in enumerate(logits))
+            stats[f"{name}_acc"] = torch.stack([lg.argmax(1) == labels[:, j] for j, lg in enumerate(logits)]).float().mean().item()
+    return loss, dict(lm_loss=lm_loss.item(), loss=loss.item(), **stats)
 
 
 def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
@@ -671,7 +734,7 @@ def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
     return turn[:min(cuts)] if cuts else turn
 
 
-def warm_started_policy(s: Settings, task, log):
+def warm_started_policy(s: Settings, task, log) -> Policy:
     """The policy before RL: the base model, warm-started on the task unless --sft-steps 0.
     Both the built-in model and the warm-started one are cached and then loaded from disk,
     through the same code path as any checkpoint. They draw from their own seeded streams,
@@ -698,9 +761,9 @@ def warm_started_policy(s: Settings, task, log):
     ).items() if v not in (None, "", "float32")})
     folder = cache / ("sft-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     if not (folder / "config.json").exists():
-        model, processor = load_policy(base, s.device, s.dtype)
+        policy = load_policy(base, s.device, s.dtype)
         if s.grad_checkpointing:
-            model.activation_checkpointing_enable()
+            policy.model.activation_checkpointing_enable()
         log(f"warm start: {s.sft_steps} steps on {task.env_id}, "
             + (f"answers from {s.sft_data}" if s.sft_data else f"expert's actions in {s.sft_expert:.0%} of the answers")
             + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
@@ -708,12 +771,12 @@ def warm_started_policy(s: Settings, task, log):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
             if not full:
-                ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, lora_targets(model, s))
-            stats = warm_start(model, processor, task, s, aux, np.random.default_rng(s.seed), log)
+                ppo.add_lora(policy.model, s.lora_rank, s.lora_alpha, s.lora_dropout, lora_targets(policy.model, s))
+            stats = warm_start(policy, task, s, aux, np.random.default_rng(s.seed), log)
             if not full:
-                ppo.merge_lora(model)
+                ppo.merge_lora(policy.model)
         info = dict(key, **stats, seconds=round(time.time() - t0, 1))
-        save_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
+        save_atomically(folder, lambda tmp: (policy.model.save_pretrained(tmp), policy.processor.save_pretrained(tmp),
                                              (tmp / "warm_start.json").write_text(json.dumps(info, indent=1))))
     log(f"warm-started model: {folder}")
     return load_policy(str(folder), s.device, s.dtype)
@@ -734,27 +797,38 @@ def lora_targets(model, s: Settings) -> str:
 # Rollout, PPO update, evaluation.
 
 @torch.no_grad()
-def prompt_values(model, value_head, processor, task, images, infos, s: Settings):
-    """V(s) for a batch of states: a prompt-only forward (used for the bootstrap value after
+def prompt_values(policy: Policy, task, images, infos, s: Settings) -> torch.Tensor:
+    """V(s) for a batch of states (B,): a prompt-only forward (used for the bootstrap value after
     the last step and for the final state of a truncated episode)."""
-    prompt = state_prompts(processor, task, images, infos, s)[1]
+    prompt = state_prompts(policy, task, images, infos, s)[1]
     empty = torch.zeros(len(infos), 0, dtype=torch.long, device=s.device)
-    return forward(model, value_head, prompt, empty, empty.bool(), 1.0, [])[1]
+    return logprobs_and_values(policy, prompt, empty, empty.bool(), s.temperature)[1]
 
 
-def rollout(model, value_head, processor, task, pool: EnvPool, s: Settings, suppress, rng):
-    """s.num_steps steps of every env. Returns the samples (flat, step-major) and the
-    (num_steps, num_envs) tensors GAE needs, plus rollout statistics."""
+@dataclass
+class Rollout:
+    """num_steps steps of every env: the samples (flat, step-major: samples[t * num_envs + i])
+    and the (num_steps, num_envs) tensors GAE needs."""
+    samples: list[Sample]
+    rewards: torch.Tensor
+    values: torch.Tensor       # V(s_t) while sampling
+    next_values: torch.Tensor  # V(s_{t+1}); after a truncation, of the episode's final state
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    stats: dict
+
+
+def rollout(policy: Policy, task, pool: EnvPool, s: Settings, rng) -> Rollout:
     T, N = s.num_steps, s.num_envs
     rewards, terminated, truncated, values, next_values = (torch.zeros(T, N) for _ in range(5))
     samples, episode_returns, finals = [], [], []
     for t in range(T):
-        step_samples, actions = act(model, value_head, processor, task, pool.obs, pool.infos, s, suppress, rng)
-        for i, (x, action) in enumerate(zip(step_samples, actions)):
-            reward, term, trunc, ended = pool.step(i, action)
-            rewards[t, i] = reward - (0.0 if x["format_ok"] else s.format_penalty)
+        step_samples = act(policy, task, pool.obs, pool.infos, s, rng)
+        for i, x in enumerate(step_samples):
+            reward, term, trunc, ended = pool.step(i, x.action)
+            rewards[t, i] = reward - (0.0 if x.format_ok else s.format_penalty)
             terminated[t, i], truncated[t, i] = term, trunc and not term
-            values[t, i] = x["value"]
+            values[t, i] = x.value
             if ended:
                 episode_returns.append(ended[2])
                 if truncated[t, i]:
@@ -763,29 +837,31 @@ def rollout(model, value_head, processor, task, pool: EnvPool, s: Settings, supp
     # V(s_{t+1}): the next step's value; after a truncation, the episode's final state's value
     # (after a termination it is never used); after the last step, a bootstrap value.
     next_values[:-1] = values[1:]
-    next_values[-1] = prompt_values(model, value_head, processor, task, pool.obs, pool.infos, s)
+    next_values[-1] = prompt_values(policy, task, pool.obs, pool.infos, s)
     if finals:
-        v = prompt_values(model, value_head, processor, task, [f[2] for f in finals], [f[3] for f in finals], s)
+        v = prompt_values(policy, task, [f[2] for f in finals], [f[3] for f in finals], s)
         for (t, i, _, _), value in zip(finals, v):
             next_values[t, i] = value
     stats = dict(episodes=len(episode_returns),
                  success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
                  mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
-                 format_fail=float(np.mean([not x["format_ok"] for x in samples])), **diagnostics(samples, task.actions))
-    return samples, (rewards, values, next_values, terminated, truncated), stats
+                 format_fail=float(np.mean([not x.format_ok for x in samples])), **diagnostics(samples, task.actions))
+    return Rollout(samples, rewards, values, next_values, terminated, truncated, stats)
 
 
-def ppo_update(model, value_head, optimizer, params, samples, advantages, returns, s: Settings, suppress, pad_id, rng):
+def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, returns, s: Settings, rng) -> dict:
     """update_epochs passes over the batch in shuffled minibatches (micro-batches accumulate).
+    advantages, returns: (num_steps, num_envs), step-major like `samples`.
     The KL guard (CleanRL's target_kl, checked before each step rather than after each epoch):
     at the first minibatch whose approx_kl exceeds target_kl, its step is not taken and the
     update ends. Statistics are means over the minibatches measured."""
-    b_logprobs = torch.tensor([x["logprob"] for x in samples])
-    b_values = torch.tensor([x["value"] for x in samples])
-    b_advantages, b_returns = advantages.flatten(), returns.flatten()  # step-major, like `samples`
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    b_logprobs = torch.tensor([x.logprob for x in samples])
+    b_values = torch.tensor([x.value for x in samples])
+    b_advantages, b_returns = advantages.flatten(), returns.flatten()
     orders = [rng.permutation(len(samples)) for _ in range(s.update_epochs)]
     minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, len(samples), s.minibatch_size)]
-    model.train()
+    policy.model.train()
     measured, grad_norms = [], []
     for n, mb in enumerate(minibatches):
         mb_advantages = b_advantages[mb]
@@ -795,9 +871,9 @@ def ppo_update(model, value_head, optimizer, params, samples, advantages, return
         mb_stats = {}
         for j in range(0, len(mb), s.micro_batch):
             micro = mb[j:j + s.micro_batch]
-            prompt, gen_ids, gen_mask, weights = collate([samples[k] for k in micro], pad_id)
-            logprobs, new_values, _ = forward(model, value_head, prompt, gen_ids.to(s.device), gen_mask.to(s.device),
-                                              s.temperature, suppress)
+            prompt, gen_ids, gen_mask, weights = collate([samples[k] for k in micro], policy.pad_id)
+            logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids.to(s.device), gen_mask.to(s.device),
+                                                       s.temperature)
             new_logprobs = (logprobs * weights.to(s.device)).sum(1)     # log pi(a|s), (micro,)
             loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[j:j + s.micro_batch],
                                        new_values, b_values[micro], b_returns[micro], clip_coef=s.clip_coef,
@@ -814,7 +890,7 @@ def ppo_update(model, value_head, optimizer, params, samples, advantages, return
             break  # the KL guard
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
         optimizer.step()
-    model.eval()
+    policy.model.eval()
     out = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
     out.update(approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(grad_norms),
                grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
@@ -830,24 +906,23 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(model, value_head, processor, task, s: Settings, suppress, log, label: str) -> dict:
-    """s.eval_episodes episodes with held-out seeds (disjoint from training's), sampled as in
-    training. Runs in its own RNG streams, so it does not move the training ones."""
-    n, first_seed = s.eval_episodes, 10**9 + s.seed * 10**6
-    pool = EnvPool(task.env_id, min(s.eval_envs, n), first_seed)
+def evaluate(policy: Policy, task, s: Settings, log, label: str) -> dict:
+    """s.eval_episodes episodes of the evaluation stream (held-out deals), sampled as in
+    training. Its generators are forked, so it does not move the training ones."""
+    n, seeds = s.eval_episodes, stream("eval", s.seed)
+    pool = EnvPool(task.env_id, min(s.eval_envs, n), seeds)
     active, started = [True] * len(pool.envs), len(pool.envs)
     returns, format_ok, t0 = [], [], time.time()
     last_log = t0
-    rng = np.random.default_rng(first_seed)
+    rng = np.random.default_rng(seeds.start)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(first_seed)
+        torch.manual_seed(seeds.start)
         while any(active):
             idx = [i for i in range(len(active)) if active[i]]
-            samples, actions = act(model, value_head, processor, task, [pool.obs[i] for i in idx],
-                                   [pool.infos[i] for i in idx], s, suppress, rng)
-            for i, x, action in zip(idx, samples, actions):
-                format_ok.append(x["format_ok"])
-                ended = pool.step(i, action)[3]
+            samples = act(policy, task, [pool.obs[i] for i in idx], [pool.infos[i] for i in idx], s, rng)
+            for i, x in zip(idx, samples):
+                format_ok.append(x.format_ok)
+                ended = pool.step(i, x.action)[3]
                 if ended:
                     returns.append(ended[2])
                     if started >= n:
@@ -860,21 +935,21 @@ def evaluate(model, value_head, processor, task, s: Settings, suppress, log, lab
     low, high = wilson(wins, n)
     result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
                   format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
-    result["expert_match"] = expert_match(model, processor, task, s, suppress, first_seed)
+    result["expert_match"] = expert_match(policy, task, s, seeds)
     log(f"{label}: success {result['success']:.3f}, greedy action = expert's on {result['expert_match']:.3f} "
         f"of held-out states along the expert's path")
     if task.solvable:  # the share of the evaluated deals that can be won at all
         env = gym.make(task.env_id)
-        result["solvable"] = float(np.mean([task.solvable(env.reset(seed=first_seed + k)[1]) for k in range(n)]))
+        result["solvable"] = float(np.mean([task.solvable(env.reset(seed=seeds[k])[1]) for k in range(n)]))
     return result
 
 
 @torch.no_grad()
-def expert_match(model, processor, task, s: Settings, suppress, first_seed: int, n: int = 200) -> float:
+def expert_match(policy: Policy, task, s: Settings, seeds: range, n: int = 200) -> float:
     """The share of n held-out states along the expert's path (the evaluation's deals, played
     by the expert) where the greedy answer's action is the expert's: how well the policy has
     learnt the decision, apart from the luck of sampling."""
-    env, states, seed = gym.make(task.env_id, disable_env_checker=True), [], first_seed
+    env, states, seed = gym.make(task.env_id, disable_env_checker=True), [], seeds.start
     while len(states) < n:
         (obs, info), done = env.reset(seed=seed), False
         seed += 1
@@ -885,9 +960,10 @@ def expert_match(model, processor, task, s: Settings, suppress, first_seed: int,
     matches = []
     for k in range(0, n, s.eval_envs):
         chunk = states[k:k + s.eval_envs]
-        prompt = state_prompts(processor, task, [x[0] for x in chunk], [x[1] for x in chunk], s)[1]
-        out = model.generate(**prompt, do_sample=False, max_new_tokens=s.max_new_tokens, suppress_tokens=suppress or None)
-        texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        prompt = state_prompts(policy, task, [x[0] for x in chunk], [x[1] for x in chunk], s)[1]
+        out = policy.model.generate(**prompt, do_sample=False, max_new_tokens=s.max_new_tokens,
+                                    suppress_tokens=policy.suppress or None)
+        texts = policy.processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
         matches += [parse.parse_action(text, task.actions)[0] == x[2] for text, x in zip(texts, chunk)]
     return float(np.mean(matches))
 
@@ -901,14 +977,14 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, update: int, model, value_head, optimizer, scheduler, pool, rng) -> None:
+def save_checkpoint(run_dir: Path, update: int, policy: Policy, optimizer, scheduler, pool, rng) -> None:
     """Adapter (PEFT format), value head, optimizer, scheduler, envs and RNG states; written to
     a temporary folder, renamed, then `latest` is switched to it."""
     folder = run_dir / f"checkpoint-{update:05d}"
 
     def write(tmp: Path):
-        ppo.save_adapter(model, tmp)
-        torch.save(dict(update=update, value_head=value_head.state_dict(), optimizer=optimizer.state_dict(),
+        ppo.save_adapter(policy.model, tmp)
+        torch.save(dict(update=update, value_head=policy.value_head.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state()), tmp / "state.pt")
         (tmp / "envs.pkl").write_bytes(pickle.dumps((pool, rng)))
     save_atomically(folder, write)
@@ -918,11 +994,11 @@ def save_checkpoint(run_dir: Path, update: int, model, value_head, optimizer, sc
             shutil.rmtree(old)
 
 
-def load_checkpoint(run_dir: Path, model, value_head, optimizer, scheduler):
+def load_checkpoint(run_dir: Path, policy: Policy, optimizer, scheduler):
     folder = run_dir / (run_dir / "latest").read_text().strip()
-    ppo.load_adapter(model, folder)
+    ppo.load_adapter(policy.model, folder)
     state = torch.load(folder / "state.pt", weights_only=True)
-    value_head.load_state_dict(state["value_head"])
+    policy.value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -972,27 +1048,25 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
     torch.manual_seed(s.seed + rank)
     rng = np.random.default_rng([s.seed, rank])
 
-    model, processor = warm_started_policy(s, task, log)
-    model.eval()
+    policy = warm_started_policy(s, task, log)
+    model = policy.model.eval()
     if s.grad_checkpointing:
         model.activation_checkpointing_enable()
-    suppress, pad_id = suppressed_ids(model, processor), processor.tokenizer.pad_token_id
     wrapped = ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, lora_targets(model, s))
-    hidden = model.config.get_text_config().hidden_size
-    value_head = ppo.ValueHead(hidden).to(s.device)
-    params = ppo.lora_parameters(model) + list(value_head.parameters())
-    batch = s.num_envs * s.num_steps
-    num_updates = max(1, s.total_steps // batch)
+    policy.value_head = ppo.ValueHead(model.config.get_text_config().hidden_size).to(s.device)
+    params = ppo.lora_parameters(model) + list(policy.value_head.parameters())
+    batch_size = s.num_envs * s.num_steps
+    num_updates = max(1, s.total_steps // batch_size)
     optimizer = torch.optim.AdamW(params, lr=s.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_updates, eta_min=s.lr_min)
     log(f"LoRA on {len(wrapped)} linear layers, {sum(p.numel() for p in params):,} trainable parameters; "
-        f"{num_updates} updates of {batch} env steps")
+        f"{num_updates} updates of {batch_size} env steps")
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
     results = json.loads(results_path.read_text()) if resuming else {}
-    pool, start = EnvPool(task.env_id, s.num_envs, first_seed=s.seed * 10**6 + rank * 10**5), 1
+    pool, start = EnvPool(task.env_id, s.num_envs, stream("train", s.seed, rank)), 1
     if resuming:
-        done, pool, rng = load_checkpoint(run_dir, model, value_head, optimizer, scheduler)
+        done, pool, rng = load_checkpoint(run_dir, policy, optimizer, scheduler)
         start = done + 1
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["update"] <= done]
         write_text_atomically(metrics_path, "".join(l + "\n" for l in kept))
@@ -1000,41 +1074,39 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
     elif is_main:
         metrics_path.write_text("")
     if "warm_start" not in results:
-        results["warm_start"] = evaluate(model, value_head, processor, task, s, suppress, log, "warm start")
+        results["warm_start"] = evaluate(policy, task, s, log, "warm start")
         write_text_atomically(results_path, json.dumps(results, indent=1))
 
     try:
         for update in range(start, num_updates + 1):
             t0 = time.time()
-            samples, (rewards, values, next_values, terminated, truncated), stats = rollout(
-                model, value_head, processor, task, pool, s, suppress, rng)
+            batch = rollout(policy, task, pool, s, rng)
             rollout_seconds = time.time() - t0
-            advantages, returns = ppo.compute_gae(rewards, values, next_values, terminated, truncated,
-                                                  s.gamma, s.gae_lambda)
-            stats.update(ppo_update(model, value_head, optimizer, params, samples, advantages, returns,
-                                    s, suppress, pad_id, rng))
+            advantages, returns = ppo.compute_gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                                                  batch.truncated, s.gamma, s.gae_lambda)
+            stats = dict(batch.stats, **ppo_update(policy, optimizer, batch.samples, advantages, returns, s, rng))
             scheduler.step()
             seconds = time.time() - t0
             top = max(stats["action_share"].items(), key=lambda kv: kv[1])
-            metrics = dict(update=update, env_steps=update * batch, **stats, lr=scheduler.get_last_lr()[0],
-                           rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(batch / seconds, 1))
-            log(f"update {update}/{num_updates}  steps {update * batch}  success {stats['success']:.2f} "
+            metrics = dict(update=update, env_steps=update * batch_size, **stats, lr=scheduler.get_last_lr()[0],
+                           rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(batch_size / seconds, 1))
+            log(f"update {update}/{num_updates}  steps {update * batch_size}  success {stats['success']:.2f} "
                 f"(n={stats['episodes']})  return {stats['mean_return']:.2f}  format_fail {stats['format_fail']:.2f}  "
                 f"kl {stats['approx_kl']:.4f}  clipfrac {stats['clipfrac']:.3f}  steps {stats['optimizer_steps']}  "
                 f"ev {stats['explained_variance']:.2f}  entropy thought {stats['thought_entropy']:.2f} "
                 f"action {stats['action_entropy']:.2f}  distinct {stats['distinct_thoughts']:.2f}  "
-                f"top action {top[0]!r} {top[1]:.2f}  {batch / seconds:.0f} steps/s")
+                f"top action {top[0]!r} {top[1]:.2f}  {batch_size / seconds:.0f} steps/s")
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 if update % s.checkpoint_every == 0 or update == num_updates:
-                    save_checkpoint(run_dir, update, model, value_head, optimizer, scheduler, pool, rng)
+                    save_checkpoint(run_dir, update, policy, optimizer, scheduler, pool, rng)
     except KeyboardInterrupt:
         last = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else "none"
         log(f"\ninterrupted; last checkpoint: {last}. Continue with: python rl4vlm.py --resume {run_dir}")
         raise SystemExit(130)
 
-    results["rl"] = evaluate(model, value_head, processor, task, s, suppress, log, "after RL")
+    results["rl"] = evaluate(policy, task, s, log, "after RL")
     if is_main:
         write_text_atomically(results_path, json.dumps(results, indent=1))
         plot_curves(run_dir / "curve.png", {task.env_id: curve(run_dir)}, task.env_id)

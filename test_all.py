@@ -1,5 +1,10 @@
-"""rl4vlm tests, on CPU with no network: the tasks' rules, the maths, the parser, the loop."""
+"""rl4vlm tests, on CPU with no network: the tasks' rules, the maths, the parser, the loop.
+
+Fixtures and helpers come first, then the tests of envs.py, parse.py, ppo.py and rl4vlm.py in
+that order; each test is named after the rule it proves and checks it exactly, against a hand
+computation or an independent implementation. No test times anything: bench.py does."""
 from collections import Counter
+from dataclasses import replace
 from itertools import combinations_with_replacement
 from pathlib import Path
 import json
@@ -8,7 +13,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 import warnings
 
 from PIL import Image
@@ -29,8 +33,10 @@ import rl4vlm
 
 
 # ======================================================================================
-# envs.py: every rule of the gym-cards rules file, the task table, the solvers and the experts
+# Fixtures and helpers, in the order of the modules they serve
 # ======================================================================================
+# --- envs.py ---------------------------------------------------------------------------
+
 
 IDS = ["gym_cards/NumberLine-v0", "gym_cards/EZPoints-v0", "gym_cards/Points24-v0", "gym_cards/Blackjack-v0"]
 
@@ -51,26 +57,7 @@ def press(env, *entries):
     return reward, terminated, truncated
 
 
-# --- gymnasium frame ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("env_id", IDS)
-def test_registered_with_300_step_limit_and_picture_space(env_id):
-    env = gym.make(env_id)
-    assert env.spec.max_episode_steps == 300
-    assert env.observation_space == gym.spaces.Box(0, 255, (300, 300, 3), np.uint8)
-    obs, info = env.reset(seed=1)
-    assert obs.shape == (300, 300, 3) and obs.dtype == np.uint8 and isinstance(info, dict)
-
-
-@pytest.mark.parametrize("env_id", IDS)
-def test_check_env_passes_without_warnings(env_id):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(gym.make(env_id).unwrapped)
-    assert not caught, [str(w.message) for w in caught]
-
-
-def rollout(env_id, seed, steps=12):
+def play(env_id, seed, steps=12):
     env = gym.make(env_id)
     obs, info = env.reset(seed=seed)
     pictures, rewards = [obs], []
@@ -85,27 +72,6 @@ def rollout(env_id, seed, steps=12):
     return pictures, rewards
 
 
-@pytest.mark.parametrize("env_id", IDS)
-def test_same_seed_same_pictures_and_rewards_different_seeds_differ(env_id):
-    pictures, rewards = rollout(env_id, seed=7)
-    random.seed(99)  # the global generators must play no part
-    np.random.seed(99)
-    pictures2, rewards2 = rollout(env_id, seed=7)
-    assert rewards == rewards2 and len(pictures) == len(pictures2)
-    assert all(np.array_equal(a, b) for a, b in zip(pictures, pictures2))
-    first_pictures = {rollout(env_id, seed=s, steps=0)[0][0].tobytes() for s in range(8)}
-    assert len(first_pictures) > 1, "different seeds gave the same first picture"
-
-
-@pytest.mark.parametrize("env_id", IDS)
-def test_info_is_a_snapshot(env_id):
-    env = gym.make(env_id)
-    _, info = env.reset(seed=3)
-    before = json.dumps(info)
-    env.step(0)
-    assert json.dumps(info) == before, "a stored info changed when the env moved on"
-
-
 def random_play_states(env_id, steps, seed=0):
     """The bare env after each of `steps` random actions (new episodes as needed), as (env, sprites) pairs."""
     env = gym.make(env_id).unwrapped
@@ -118,553 +84,8 @@ def random_play_states(env_id, steps, seed=0):
         yield env
 
 
-def test_cached_picture_equals_a_fresh_drawing_for_every_number_line_state():
-    env = make("gym_cards/NumberLine-v0")
-    for position in range(6):
-        for target in range(6):
-            env.position, env.target = position, target
-            assert np.array_equal(env.render(), np.asarray(env.draw())), (position, target)
+# --- ppo.py ----------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("env_id", IDS[1:])
-def test_cached_picture_equals_a_fresh_drawing_on_random_play(env_id):
-    envs.tile.cache_clear()
-    pictures = 0
-    for env in random_play_states(env_id, 150):
-        assert np.array_equal(env.render(), np.asarray(env.draw())), env.info()
-        pictures += 1
-    # and a wide formula (Points) or a second row of cards (Blackjack), where layouts wrap
-    env = make(env_id)
-    if env_id.endswith("Blackjack-v0"):
-        env.player = [1, 2, 3, 4, 5, 6, 7]
-    else:
-        env.formula = ["10", "*", "(", "10", " ", "/"] * (env.max_entries // 6 + 1)
-    assert np.array_equal(env.render(), np.asarray(env.draw()))
-    assert pictures == 150
-
-
-def test_each_sprite_is_painted_once_and_pictures_are_new_arrays():
-    env = make("gym_cards/NumberLine-v0", position=2, target=4)
-    first = env.render()
-    painted = envs.tile.cache_info().misses
-    env.position = 3
-    assert not np.array_equal(env.render(), first)
-    assert envs.tile.cache_info().misses <= painted + 1, "only the new number's line may be painted"
-    env.position = 2
-    again = env.render()
-    assert envs.tile.cache_info().misses <= painted + 1, "a state seen before must be made of cached tiles"
-    assert np.array_equal(again, first) and again is not first and again.flags.writeable
-
-
-# --- NumberLine ----------------------------------------------------------------------------------------
-
-def test_number_line_start_and_target_draw_with_the_mod_5_quirk():
-    seen_equal = set()
-    for seed in range(400):
-        rng, _ = seeding.np_random(seed)
-        start, target = int(rng.integers(0, 6)), int(rng.integers(0, 6))
-        info = make("gym_cards/NumberLine-v0", seed).info()
-        assert info["Current"] == start
-        if start == target:
-            seen_equal.add(start)
-            assert info["Target"] == (target + 1) % 5
-        else:
-            assert info["Target"] == target
-    assert 5 in seen_equal, "no seed tested the 5-and-5 case (target must become 1)"
-
-
-def test_number_line_actions_and_rewards():
-    env = make("gym_cards/NumberLine-v0", position=2, target=4)
-    assert env.actions == ("-", "+")
-    assert env.step(1)[1:4] == (0.0, False, False) and env.position == 3  # "+" moves up, closer: 0
-    assert env.step(0)[1:4] == (-1.0, False, False) and env.position == 2  # "-" moves down, away: -1
-    env.step(1)
-    _, reward, terminated, truncated, info = env.step(1)
-    assert (reward, terminated, truncated, info) == (1.0, True, False, {"Target": 4, "Current": 4})
-
-
-@pytest.mark.parametrize("position,action,target", [(0, 0, 3), (5, 1, 2)])
-def test_number_line_blocked_at_an_end_gives_minus_1(position, action, target):
-    env = make("gym_cards/NumberLine-v0", position=position, target=target)
-    assert env.step(action)[1:4] == (-1.0, False, False) and env.position == position
-
-
-def test_number_line_truncated_after_10_steps():
-    env = make("gym_cards/NumberLine-v0", position=0, target=5)
-    for step in range(1, 11):
-        _, _, terminated, truncated, _ = env.step(0)
-        assert not terminated and truncated == (step == 10)
-
-
-def test_number_line_reaching_target_on_step_10_is_terminated_not_truncated():
-    env = make("gym_cards/NumberLine-v0", position=0, target=1)
-    for _ in range(9):
-        env.step(0)
-    assert env.step(1)[1:4] == (1.0, True, False)
-
-
-# --- Points (EZPoints, Points24) ---------------------------------------------------------------------
-
-def test_points_action_indices():
-    assert envs.EZPointsEnv.actions == tuple(str(n) for n in range(1, 11)) + ("+", "*", "=")
-    assert envs.Points24Env.actions == tuple(str(n) for n in range(1, 11)) + ("+", "-", "*", "/", "(", ")", "=")
-
-
-def test_ez_points_deal_distribution():
-    second_cards, first_ranks, swapped = {}, set(), 0
-    env = envs.EZPointsEnv()
-    for seed in range(3000):
-        rng, _ = seeding.np_random(seed)
-        rank = int(rng.integers(2, 14))  # card 1 is drawn first, then maybe swapped
-        env.np_random, _ = seeding.np_random(seed)  # reset(seed=seed) without drawing the picture
-        env.deal()
-        first = 0 if env.ranks[0] == rank else 1
-        assert env.ranks[first] == rank and env.ranks[1 - first] <= 10, "card 2 is a plain number card"
-        assert set(env.suits) <= set("SHCD")
-        second_cards.setdefault(min(rank, 10), []).append(env.numbers[1 - first])
-        first_ranks.add(rank)
-        swapped += first
-    assert first_ranks == set(range(2, 14))
-    assert 1300 < swapped < 1700, "the cards swap places half the time"
-    for value, seconds in second_cards.items():
-        products = sum(value * s == 12 and value + s != 12 for s in seconds)
-        assert all(value + s == 12 or value * s == 12 for s in seconds)
-        if value in (2, 3, 4):  # (6 * 2 and 6 + 6 are both 12: nothing to tell apart)
-            assert 0.35 < products / len(seconds) < 0.65, (value, products, len(seconds))
-        elif value != 6:
-            assert products == 0
-
-
-def test_points24_deal_distribution():
-    ranks = Counter()
-    env = envs.Points24Env()
-    env.reset(seed=0)
-    for _ in range(1000):
-        env.deal()
-        assert len(env.ranks) == 4 and env.numbers == [min(r, 10) for r in env.ranks]
-        ranks.update(env.ranks)
-    assert set(ranks) == set(range(1, 14)) and max(ranks.values()) < 2 * min(ranks.values())
-    assert make("gym_cards/Points24-v0", ranks=[1, 11, 12, 13], suits=list("SHCD")).info()["Cards"] == ["AS", "JH", "QC", "KD"]
-
-
-@pytest.mark.parametrize("env_id,limit", [("gym_cards/EZPoints-v0", 5), ("gym_cards/Points24-v0", 20)])
-def test_points_truncated_with_minus_1_once_formula_is_too_long(env_id, limit):
-    env = make(env_id, formula=["+"] * limit)
-    assert press(env, "+") == (0.0, False, False) and len(env.formula) == limit + 1
-    assert press(env, "=") == (-1.0, False, True), "'=' comes after the length check"
-    env.formula = ["+"] * limit
-    assert press(env, "=")[1] is True, f"{limit} entries may still be evaluated"
-
-
-def test_points_illegal_number_appends_a_blank():
-    env = make("gym_cards/EZPoints-v0", ranks=[6, 6], formula=[])
-    assert press(env, "6", "+", "6") == (0.0, False, False)
-    assert press(env, "6") == (-1.0, False, False) and env.formula == ["6", "+", "6", " "]
-    assert press(env, "5") == (-1.0, False, False) and env.formula[-1] == " "
-    assert press(env, "=") == (10.0, True, False), "'6+6 ' still evaluates to 12"
-
-
-def test_points_equals_is_not_appended_and_rewards():
-    env = make("gym_cards/EZPoints-v0", ranks=[2, 6], formula=[])
-    assert press(env, "2", "*", "6", "=") == (10.0, True, False) and env.formula == ["2", "*", "6"]
-    env = make("gym_cards/EZPoints-v0", ranks=[2, 6], formula=[])
-    assert press(env, "2", "+", "6", "=") == (-1.0, True, False)
-    env = make("gym_cards/EZPoints-v0", ranks=[13, 2], formula=[])  # a king counts as 10
-    assert press(env, "10", "+", "2", "=") == (10.0, True, False)
-
-
-def test_points_every_card_used_exactly_once():
-    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "=")[0] == -1.0
-    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "*", "1", "=")[0] == -1.0
-    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "*", "1", "*", "1", "=")[0] == 10.0
-
-
-def test_points_numbers_join_and_double_star_is_a_power():
-    assert envs.evaluate("".join(["2", "10"])) == 210
-    assert press(make("gym_cards/EZPoints-v0", ranks=[2, 10], formula=[]), "2", "10", "=") == (-1.0, True, False)
-    # 2 then 4 is 24: every card used once, so the env accepts it, as eval would
-    assert press(make("gym_cards/Points24-v0", ranks=[2, 4, 1, 1], formula=[]), "2", "4", "*", "1", "*", "1", "=")[0] == 10.0
-    assert envs.evaluate("2**3") == 8
-    assert press(make("gym_cards/Points24-v0", ranks=[2, 3, 3, 1], formula=[]), "2", "*", "*", "3", "*", "3", "*", "1", "=")[0] == 10.0
-    assert envs.evaluate("8//3") == 2, "'/' twice is a floor division"
-
-
-def test_points_division_compared_exactly_in_floats():
-    assert envs.evaluate("8/(3-8/3)") == eval("8/(3-8/3)") != 24
-    formula = ["8", "/", "(", "3", "-", "8", "/", "3", ")"]
-    assert press(make("gym_cards/Points24-v0", ranks=[8, 3, 8, 3], formula=formula), "=")[0] == -1.0
-    formula = ["6", "/", "(", "1", "-", "3", "/", "4", ")"]  # 6/0.25 is exactly 24.0
-    assert press(make("gym_cards/Points24-v0", ranks=[6, 1, 3, 4], formula=formula), "=")[0] == 10.0
-    assert not envs.points24_solvable([3, 3, 8, 8]) and envs.points24_solvable([1, 3, 4, 6])
-
-
-def test_points_bad_syntax_and_division_by_zero_give_minus_1():
-    assert press(make("gym_cards/Points24-v0", ranks=[2, 1, 1, 3], formula=[]), "2", "+", "=") == (-1.0, True, False)
-    formula = ["2", "/", "(", "1", "-", "1", ")", "*", "3"]
-    assert press(make("gym_cards/Points24-v0", ranks=[2, 1, 1, 3], formula=formula), "=") == (-1.0, True, False)
-    assert press(make("gym_cards/EZPoints-v0", ranks=[2, 10], formula=[]), "=") == (-1.0, True, False)
-
-
-def test_evaluate_matches_eval_and_does_not_hang_on_huge_powers():
-    start = time.time()
-    assert envs.evaluate("10**10**10") is None and envs.evaluate("1**10**10**10") is None
-    assert time.time() - start < 1
-    rng = np.random.default_rng(0)
-    tokens = list(envs.Points24Env.actions[:-1]) + [" "]
-    for _ in range(3000):
-        text = "".join(rng.choice(tokens, size=int(rng.integers(1, 8))))
-        if text.count("**") > 1:
-            continue  # eval itself could hang
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SyntaxWarning)  # eval warns about calls like (1)(2)
-            try:
-                expected = eval(text)
-            except (SyntaxError, ArithmeticError, TypeError):
-                expected = None
-        expected = None if isinstance(expected, tuple) else expected  # "()" is no number
-        assert envs.evaluate(text) == expected, text
-
-
-# --- Solvers and experts for the Points tasks ---------------------------------------------------------
-
-def test_points_solver_writes_env_formulas_that_the_env_accepts():
-    for numbers in [(1, 2, 3, 4), (1, 5, 5, 5), (3, 3, 7, 7), (1, 1, 10, 10), (2, 2, 2, 9)]:
-        for entries in envs.solutions(numbers, 24, "+-*/")[:40]:
-            assert all(e in envs.Points24Env.actions for e in entries) and len(entries) <= 20
-            assert not any(a.isdigit() and b.isdigit() for a, b in zip(entries, entries[1:])), entries
-            env = make("gym_cards/Points24-v0", ranks=list(numbers), formula=[])
-            assert press(env, *entries, "=") == (10.0, True, False), entries
-
-
-def test_points24_solvable_count():
-    deals = list(combinations_with_replacement(range(1, 11), 4))
-    solvable = [d for d in deals if envs.points24_solvable(list(d))]
-    assert not envs.points24_solvable([1, 1, 1, 1]) and envs.points24_solvable([1, 2, 3, 4])
-    # 566 deals make 24 in exact fractions; 3 3 8 8 (only 8/(3-8/3)) fails in floats
-    assert len(deals) == 715 and len(solvable) == 565
-
-
-def test_points_expert_follows_a_solution_prefix():
-    expert = envs.get_task("points24").expert
-    actions = envs.Points24Env.actions
-    info = {"Numbers": [4, 6, 1, 1], "Formula": []}
-    moves = []
-    while (a := expert(info)) is not None and actions[a] != "=":
-        info["Formula"].append(actions[a])
-        moves.append(actions[a])
-    assert envs.evaluate("".join(moves)) == 24 and actions[a] == "="
-    assert expert({"Numbers": [4, 6, 1, 1], "Formula": ["(", "("]}) is None
-    assert expert({"Numbers": [1, 1, 1, 1], "Formula": []}) is None, "no expert move on an unsolvable deal"
-    assert envs.get_task("ezpoints").expert({"Numbers": [6, 6], "Formula": ["6", "+", "6"]}) == 12  # "="
-
-
-def test_expert_success_number_line_and_ez_points_100_percent():
-    for name in ("numberline", "ezpoints"):
-        returns = envs.expert_returns(envs.get_task(name), 3000, seed=0)
-        assert all(envs.is_success(r) for r in returns), name
-
-
-@pytest.mark.parametrize("name", ["numberline", "ezpoints", "points24", "blackjack"])
-def test_expert_through_the_gymnasium_api(name):
-    task = envs.get_task(name)
-    env = gym.make(task.env_id)
-    returns = []
-    for episode in range(30):
-        _, info = env.reset(seed=0) if episode == 0 else env.reset()
-        total, done = 0.0, False
-        while not done and (action := task.expert(info)) is not None:
-            _, reward, terminated, truncated, info = env.step(action)
-            total, done = total + reward, terminated or truncated
-        returns.append(total)
-    assert returns == envs.expert_returns(task, 30, seed=0), "the fast expert loop plays other games"
-
-
-def test_expert_success_points24_is_exactly_the_solvable_share():
-    task, env = envs.get_task("points24"), envs.Points24Env()
-    env.reset(seed=0)
-    successes = solvable = 0
-    for _ in range(2000):
-        env.deal()
-        solvable += envs.points24_solvable(env.numbers)
-        episode_return, done = 0.0, False
-        while not done and (action := task.expert(env.info())) is not None:
-            reward, terminated, truncated = env.play(action)
-            episode_return, done = episode_return + reward, terminated or truncated
-        successes += envs.is_success(episode_return)
-    assert successes == solvable and 0.5 < solvable / 2000 < 0.95
-
-
-# --- Blackjack -----------------------------------------------------------------------------------------
-
-def test_blackjack_plays_card_for_card_like_gymnasium():
-    action_rng = np.random.default_rng(0)
-    for seed in range(500):
-        ours, theirs = make("gym_cards/Blackjack-v0", seed), GymnasiumBlackjack()
-        theirs.reset(seed=seed)
-        assert ours.info() == {"Dealer": theirs.dealer, "Player": theirs.player}, seed
-        done = False
-        while not done:
-            action = int(action_rng.integers(2))
-            _, reward, done, truncated, info = ours.step(action)
-            assert (reward, done, truncated) == theirs.step(action)[1:4], seed
-            assert info == {"Dealer": theirs.dealer, "Player": theirs.player}, seed
-
-
-def test_blackjack_deck_and_face_up_card():
-    ranks, values, up_ranks = Counter(), Counter(), Counter()
-    for seed in range(600):
-        env = make("gym_cards/Blackjack-v0", seed)
-        ranks.update(env.player)
-        values.update(env.info()["Player"])
-        up_ranks[env.dealer[0]] += 1
-        assert env.info()["Dealer"][0] == min(env.dealer[0], 10)
-    assert set(ranks) == set(range(1, 14)) and 2 * values[7] < values[10] < 6 * values[7], "J/Q/K/10 count 10"
-    assert 10 not in up_ranks and {11, 12, 13} <= set(up_ranks), "like gymnasium, a ten-valued up card shows J/Q/K"
-
-
-@pytest.mark.parametrize("dealer,drawn", [([10, 6], True), ([1, 5], True), ([10, 7], False), ([1, 6], False)])
-def test_blackjack_dealer_draws_to_17_counting_a_usable_ace_as_11(dealer, drawn):
-    for seed in range(20):
-        env = make("gym_cards/Blackjack-v0", seed, dealer=list(dealer), player=[10, 9])
-        env.step(0)
-        assert (len(env.dealer) > 2) == drawn
-        final = env.total(env.dealer)
-        assert final >= 17 and all(env.total(env.dealer[:k]) < 17 for k in range(2, len(env.dealer)))
-
-
-@pytest.mark.parametrize("player,dealer,reward", [([10, 9], [10, 8], 1.0), ([10, 7], [10, 8], -1.0),
-                                                  ([10, 8], [10, 8], 0.0), ([1, 10], [10, 1], 0.0),
-                                                  ([10, 2], [10, 6, 10], 1.0), ([1, 9], [10, 9], 1.0)])
-def test_blackjack_stand_rewards(player, dealer, reward):
-    env = make("gym_cards/Blackjack-v0", player=player, dealer=dealer)
-    assert env.step(0)[1:4] == (reward, True, False)
-
-
-def test_blackjack_hit_rewards_and_usable_ace():
-    env = make("gym_cards/Blackjack-v0", player=[10, 10], dealer=[10, 7])
-    env.draw_rank = lambda: 5
-    assert env.step(1)[1:4] == (-1.0, True, False), "bust on hit: -1, terminated"
-    env = make("gym_cards/Blackjack-v0", player=[1, 5], dealer=[10, 7])
-    env.draw_rank = lambda: 10
-    assert env.step(1)[1:4] == (0.0, False, False) and env.total(env.player) == 16, "the ace drops to 1"
-    assert envs.hand_total([1, 1, 9]) == (21, 1) and envs.hand_total([1, 5, 10]) == (16, 0)
-
-
-def test_blackjack_dp_policy_and_optimum():
-    policy, expected, win = envs.blackjack_optimum()
-    assert 0.42 < win < 0.44 and -0.06 < expected < -0.03
-    assert policy[(20, 0, 10)] == 0 and policy[(11, 0, 10)] == 1 and policy[(16, 0, 10)] == 1
-    assert policy[(12, 0, 4)] == 0 and policy[(13, 0, 2)] == 0 and policy[(12, 0, 2)] == 1
-    assert policy[(18, 1, 9)] == 1 and policy[(18, 1, 7)] == 0 and policy[(17, 1, 6)] == 1
-    assert len(policy) == 10 * (18 + 10)  # hard 4..21 and soft 12..21 against ten up cards
-
-
-def test_blackjack_expert_wins_as_the_optimum_says():
-    start = time.time()
-    returns = envs.expert_returns(envs.get_task("blackjack"), 20_000, seed=0)
-    win_rate = np.mean([envs.is_success(r) for r in returns])
-    assert abs(win_rate - envs.blackjack_optimum()[2]) < 0.01, win_rate
-    assert time.time() - start < 20
-
-
-# --- The task table ------------------------------------------------------------------------------------
-
-def test_get_task_by_id_or_short_name():
-    assert list(envs.TASKS) == IDS
-    for env_id in IDS:
-        short = env_id.split("/")[1].split("-")[0]
-        assert envs.get_task(env_id) is envs.get_task(short.lower()) is envs.get_task(short.upper()) is envs.TASKS[env_id]
-    with pytest.raises(ValueError, match="numberline"):
-        envs.get_task("pong")
-    assert envs.get_task("blackjack").actions == ("stand", "hit")
-    assert envs.is_success(0.5) and not envs.is_success(0.0) and not envs.is_success(-1.0)
-
-
-@pytest.mark.parametrize("env_id", IDS)
-def test_prompts_and_answers(env_id):
-    task, env = envs.TASKS[env_id], gym.make(env_id)
-    for seed in range(20):
-        _, info = env.reset(seed=seed)
-        for cot in (True, False):
-            prompt = task.prompt(info, cot)
-            assert task.name in prompt and all(json.dumps(a) in prompt for a in task.actions)
-            assert ('"thoughts"' in prompt) == cot and prompt.rstrip("}").endswith('"action": "<legal action>"')
-        if "Formula" in info:
-            assert f'Formula: "{" ".join(info["Formula"])}"' in task.prompt(info, True)
-        answers = [json.loads(task.answer(info, a, True)) for a in range(len(task.actions))]
-        for action, answer in enumerate(answers):
-            keys = list(answer)
-            assert keys[-2:] == ["thoughts", "action"] and answer["action"] == task.actions[action]
-            assert {k: v for k, v in answer.items() if k != "action"} == {k: v for k, v in answers[0].items() if k != "action"}
-        assert json.loads(task.answer(info, 0, False)) == {"action": task.actions[0]}
-        labels = task.labels(info)
-        assert len(labels) == len(task.label_classes) and all(0 <= l < n for l, n in zip(labels, task.label_classes))
-        if task.expert(info) is not None:
-            assert 0 <= task.expert(info) < len(task.actions)
-
-
-def test_answers_read_the_state_truly():
-    nl, ez, bj = envs.get_task("numberline"), envs.get_task("ezpoints"), envs.get_task("blackjack")
-    assert json.loads(nl.answer({"Target": 4, "Current": 2}, 1, True)) == {
-        "current": 2, "target": 4, "thoughts": "target is above current", "action": "+"}
-    info = {"Cards": ["2S", "KH"], "Numbers": [2, 10], "Formula": ["2", "+"]}
-    assert json.loads(ez.answer(info, 9, True)) == {"cards": [2, 10], "formula": "2 +", "thoughts": "plan: 2 + 10, to write: 10",
-                                                    "action": "10"}
-    assert ez.labels(info) == [1, 9]
-    info = {"Dealer": [1, 10], "Player": [1, 6]}
-    assert json.loads(bj.answer(info, 0, True)) == {"dealer": 1, "player": 17, "thoughts": "soft 17 against 1", "action": "stand"}
-    assert bj.labels(info) == [0, 17, 1]
-
-
-def test_points_thoughts_state_the_plan_and_what_is_left_of_it():
-    ez, p24 = envs.get_task("ezpoints"), envs.get_task("points24")
-    cards = lambda numbers, *formula: {"Numbers": numbers, "Formula": list(formula)}
-    # the first solution, shortest then in entry order, that continues the formula: 2 * 6 before 6 * 2
-    assert ez.thought(cards([6, 2])) == "plan: 2 * 6, to write: 2 * 6"
-    assert ez.thought(cards([6, 2], "6")) == "plan: 6 * 2, to write: * 2"
-    assert ez.thought(cards([6, 2], "2", "*", "6")) == "plan: 2 * 6, to write: ="
-    assert ez.thought(cards([6, 2], "2", "+")) == "plan: none, to write: ="   # a dead end
-    assert ez.thought(cards([6, 2], " ")) == "plan: none, to write: ="       # an illegal number left a blank
-    # the expert writes the plan's next entry, "=" once it is written, nothing in a dead end
-    assert [ez.expert(cards([6, 2], *f)) for f in ([], ["6"], ["2", "*", "6"], ["2", "+"])] == [1, 11, 12, None]
-    assert p24.thought(cards([1, 2, 3, 4])) == "plan: 1 * 2 * 3 * 4, to write: 1 * 2 * 3 * 4"
-    assert p24.thought(cards([1, 1, 1, 1])) == "plan: none, to write: ="      # no solution at all
-
-
-def test_warm_start_actions_follow_the_expert_at_the_share_given():
-    rng, n = np.random.default_rng(0), 20_000
-    draws = [rl4vlm.follow_or_random(3, 0.75, 13, rng) for _ in range(n)]
-    # the expert's action with probability 0.75, else uniform over 13 (which includes it): 0.75 + 0.25 / 13
-    assert abs(draws.count(3) / n - (0.75 + 0.25 / 13)) < 0.01
-    assert abs(draws.count(5) / n - 0.25 / 13) < 0.005
-    assert all(rl4vlm.follow_or_random(3, 1.0, 13, rng) == 3 for _ in range(100))
-    assert len({rl4vlm.follow_or_random(None, 1.0, 13, rng) for _ in range(200)}) == 13  # no expert: random
-
-
-def test_blackjack_expert_and_labels_use_only_the_face_up_card():
-    bj = envs.get_task("blackjack")
-    for hidden in range(1, 11):
-        info = {"Dealer": [6, hidden], "Player": [10, 2]}
-        assert bj.expert(info) == bj.expert({"Dealer": [6, 1], "Player": [10, 2]}) == 0
-        assert bj.labels(info) == [5, 12, 0] and bj.answer(info, 1, True) == bj.answer({"Dealer": [6], "Player": [10, 2]}, 1, True)
-
-
-# ======================================================================================
-# parse.py and ppo.py: the maths exactly, LoRA against the base model, the parser on every task
-# ======================================================================================
-
-# -----------------------------------------------------------------------------
-# GAE
-
-
-def test_gae_by_hand():
-    # 1 env, 4 steps: step 1 is truncated (bootstraps from its final observation, V = 4.0),
-    # step 2 is terminated (its next value 3.0 must be ignored), step 3 is the rollout's last step.
-    # gamma = gae_lambda = 0.5, so gamma * gae_lambda = 0.25; every number is exact in binary.
-    #   t=3: delta = 1 + 0.5*2.0 - 1.5 = 0.5               adv = 0.5
-    #   t=2: delta = 2 + 0         - 0.5 = 1.5 (terminal)    adv = 1.5  (no recursion past the end)
-    #   t=1: delta = 0 + 0.5*4.0 - 1.0 = 1.0 (truncated)   adv = 1.0  (no recursion past the end)
-    #   t=0: delta = 1 + 0.5*1.0 - 0.5 = 1.0               adv = 1.0 + 0.25*1.0 = 1.25
-    #   returns = adv + values = [1.75, 2.0, 2.0, 2.0]
-    col = lambda *x: torch.tensor(x, dtype=torch.float64)[:, None]  # (4, 1)
-    rewards, values, next_values = col(1, 0, 2, 1), col(0.5, 1.0, 0.5, 1.5), col(1.0, 4.0, 3.0, 2.0)
-    terminated, truncated = col(0, 0, 1, 0).bool(), col(0, 1, 0, 0).bool()
-    advantages, returns = ppo.compute_gae(rewards, values, next_values, terminated, truncated, 0.5, 0.5)
-    assert torch.equal(advantages, col(1.25, 1.0, 1.5, 0.5))
-    assert torch.equal(returns, col(1.75, 2.0, 2.0, 2.0))
-    # float flags give the same answer as bool flags
-    advantages_f, _ = ppo.compute_gae(rewards, values, next_values, terminated.double(), truncated.double(), 0.5, 0.5)
-    assert torch.equal(advantages_f, advantages)
-
-
-def test_gae_matches_plain_loop():
-    rng = np.random.default_rng(0)
-    T, N, gamma, lam = 16, 4, 0.9, 0.95
-    r, v, nv = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=(T, N))
-    term, trunc = rng.random((T, N)) < 0.2, rng.random((T, N)) < 0.2
-    expected = np.zeros((T, N))
-    for n in range(N):  # one env at a time, plain floats
-        next_adv = 0.0
-        for t in range(T - 1, -1, -1):
-            bootstrap = 0.0 if term[t, n] else gamma * nv[t, n]
-            delta = r[t, n] + bootstrap - v[t, n]
-            if term[t, n] or trunc[t, n]:
-                next_adv = 0.0
-            expected[t, n] = next_adv = delta + gamma * lam * next_adv
-    adv, ret = ppo.compute_gae(*map(torch.tensor, (r, v, nv, term, trunc)), gamma, lam)
-    assert torch.allclose(adv, torch.tensor(expected), atol=1e-12)
-    assert torch.allclose(ret, torch.tensor(expected + v), atol=1e-12)
-
-
-# -----------------------------------------------------------------------------
-# PPO loss
-
-
-def test_ppo_loss_at_ratio_one():
-    g = torch.Generator().manual_seed(0)
-    old = torch.randn(64, generator=g)
-    adv, values, returns = torch.randn(64, generator=g), torch.randn(64, generator=g), torch.randn(64, generator=g)
-    loss, stats = ppo.ppo_loss(old.clone(), old, adv, values, values, returns, vf_coef=0.0)
-    assert torch.equal(loss, -adv.mean())
-    assert stats["policy_loss"] == -adv.mean().item()
-    assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
-    assert stats["value_loss"] == pytest.approx(0.5 * ((values - returns) ** 2).mean().item())
-
-
-def test_ppo_policy_clipping():
-    clip = 0.1
-    ratio = torch.tensor([0.8, 0.95, 1.05, 1.2, 0.8, 0.95, 1.05, 1.2])
-    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
-    old = torch.zeros(8)
-    new = ratio.log().requires_grad_()
-    zeros = torch.zeros(8)
-    loss, stats = ppo.ppo_loss(new, old, adv, zeros, zeros, zeros, clip_coef=clip, vf_coef=0.0)
-    loss.backward()
-    # clipped (no gradient) only where the ratio left [0.9, 1.1] in the direction the advantage rewards
-    clipped = ((adv > 0) & (ratio > 1 + clip)) | ((adv < 0) & (ratio < 1 - clip))
-    assert clipped.tolist() == [False, False, False, True, True, False, False, False]
-    assert torch.equal(new.grad == 0, clipped)
-    expected = torch.where(clipped, -adv * ratio.clamp(1 - clip, 1 + clip), -adv * ratio).mean()
-    assert torch.allclose(loss, expected)
-    assert stats["clipfrac"] == 0.5  # |ratio - 1| > 0.1 for 0.8 and 1.2, whatever the sign
-    assert stats["approx_kl"] > 0
-
-
-def test_ppo_value_clipping():
-    clip = 0.1
-    old_values = torch.zeros(5)
-    values = torch.tensor([0.5, 0.5, 0.05, -0.5, -0.5])
-    returns = torch.tensor([1.0, 0.0, 1.0, -1.0, 0.3])
-    # clipped values: [0.1, 0.1, 0.05, -0.1, -0.1]; the larger squared error is kept:
-    #   max(0.25, 0.81) = 0.81 (clipped), max(0.25, 0.01) = 0.25, 0.9025 both, max(0.25, 0.81) = 0.81 (clipped),
-    #   max(0.64, 0.16) = 0.64
-    per_sample = torch.tensor([0.81, 0.25, 0.9025, 0.81, 0.64])
-    zeros = torch.zeros(5)
-    new = values.clone().requires_grad_()
-    loss, stats = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, vf_coef=1.0)
-    loss.backward()
-    assert torch.allclose(loss, 0.5 * per_sample.mean())
-    assert (new.grad == 0).tolist() == [True, False, False, True, False]
-    new.grad = None
-    loss, _ = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, clip_vloss=False)
-    loss.backward()
-    assert torch.allclose(loss, 0.5 * 0.5 * ((values - returns) ** 2).mean())
-    assert (new.grad != 0).all()
-
-
-def test_ppo_entropy_and_explained_variance():
-    zeros, ones = torch.zeros(4), torch.ones(4)
-    entropy = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    loss, stats = ppo.ppo_loss(zeros, zeros, zeros, zeros, zeros, zeros, entropy=entropy, ent_coef=0.1)
-    assert loss.item() == pytest.approx(-0.25) and stats["entropy"] == 2.5
-    returns = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert ppo.explained_variance(returns, returns) == 1.0
-    assert ppo.explained_variance(torch.full((4,), 2.5), returns) == 0.0
-    assert math.isnan(ppo.explained_variance(zeros, ones))
-
-
-# -----------------------------------------------------------------------------
-# LoRA and the value head
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -691,224 +112,16 @@ def logits(model):
     return model(INPUT_IDS).logits
 
 
-def test_lora_bare_linear():
-    torch.manual_seed(0)
-    base = torch.nn.Linear(8, 6)
-    x = torch.randn(3, 8)
-    lora = ppo.LoRALinear(base, rank=4, alpha=8, dropout=0.0)
-    assert lora.scaling == 2.0 and lora.lora_A.weight.shape == (4, 8) and lora.lora_B.weight.shape == (6, 4)
-    assert torch.equal(lora(x), base(x))  # B = 0: exactly the base layer
-    model = torch.nn.Sequential(base)
-    assert ppo.add_lora(model, 4, 8, 0.0, ["0"]) == ["0"]
-    randomise_lora(model)
-    m = model[0]
-    with torch.no_grad():
-        expected = base(x) + 2.0 * x @ m.lora_A.weight.T @ m.lora_B.weight.T
-        assert torch.allclose(model(x), expected, atol=1e-6)
-        assert not torch.allclose(model(x), base(x))
-        with ppo.lora_disabled(model):
-            assert torch.equal(model(x), base(x))
-        unmerged = model(x)
-        ppo.merge_lora(model)
-        assert type(model[0]) is torch.nn.Linear
-        assert torch.allclose(model(x), unmerged, atol=1e-6)
+# --- rl4vlm.py, with the built-in tiny VLM -------------------------------------------------
 
-
-def test_lora_on_tiny_llama(tmp_path):
-    model = tiny_llama()
-    base_keys = set(model.state_dict())
-    base_logits = logits(model)
-    names = ppo.add_lora(model, rank=4, alpha=8, dropout=0.05, targets=TARGETS)
-    assert len(names) == 2 * 7 and "lm_head" not in names
-    # the model's own keys are unchanged; the only new keys are the adapters'
-    keys = set(model.state_dict())
-    assert {k for k in keys if ".lora_" not in k} == base_keys
-    assert len(keys - base_keys) == 2 * len(names)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert len(trainable) == 2 * len(names) and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    assert {id(p) for p in ppo.lora_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
-    assert torch.equal(logits(model), base_logits)  # B = 0: exactly the base model
-
-    randomise_lora(model)
-    lora_logits = logits(model)
-    assert not torch.allclose(lora_logits, base_logits)
-    with ppo.lora_disabled(model):
-        assert torch.equal(logits(model), base_logits)
-    assert torch.equal(logits(model), lora_logits)  # switched back on
-
-    # save, then load into a freshly built model with the same base weights
-    ppo.save_adapter(model, tmp_path, base_model_name_or_path="tiny-llama")
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    assert config["lora_dropout"] == 0.05 and config["bias"] == "none" and config["task_type"] is None
-    assert sorted(config["target_modules"]) == sorted(TARGETS) and config["base_model_name_or_path"] == "tiny-llama"
-    assert config["fan_in_fan_out"] is False and config["use_dora"] is False and config["use_rslora"] is False
-    tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
-    assert set(tensors) == {f"base_model.model.{n}.lora_{ab}.weight" for n in names for ab in "AB"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-
-    fresh = tiny_llama()  # load_adapter adds the LoRA layers from the config
-    ppo.load_adapter(fresh, tmp_path)
-    fresh2 = tiny_llama()  # or into layers added by hand
-    ppo.add_lora(fresh2, 4, 8, 0.05, TARGETS)
-    ppo.load_adapter(fresh2, tmp_path)
-    saved = dict(ppo.lora_modules(model))
-    for f in (fresh, fresh2):
-        assert [n for n, _ in ppo.lora_modules(f)] == names
-        for name, m in ppo.lora_modules(f):
-            assert torch.equal(m.lora_A.weight, saved[name].lora_A.weight)
-            assert torch.equal(m.lora_B.weight, saved[name].lora_B.weight)
-        assert torch.equal(logits(f), lora_logits)
-
-    # an adapter that does not fit the model is refused
-    wrong = tiny_llama()
-    ppo.add_lora(wrong, 4, 8, 0.0, ["q_proj"])
-    with pytest.raises(AssertionError, match="does not fit"):
-        ppo.load_adapter(wrong, tmp_path)
-
-    ppo.merge_lora(model)
-    assert not ppo.lora_modules(model) and set(model.state_dict()) == base_keys
-    assert torch.allclose(logits(model), lora_logits, atol=1e-6)
-
-
-def test_lora_partial_targets_saved_exactly(tmp_path):
-    # wrapping q_proj of layer 0 only: the list ["q_proj"] would make PEFT wrap layer 1's too
-    model = tiny_llama()
-    names = ppo.add_lora(model, 2, 4, 0.0, r"layers\.0\..*q_proj$")
-    assert names == ["model.layers.0.self_attn.q_proj"]
-    ppo.save_adapter(model, tmp_path)
-    target = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
-    assert isinstance(target, str)
-    all_names = [n for n, _ in tiny_llama().named_modules()]
-    assert [n for n in all_names if re.fullmatch(target, n)] == names  # PEFT full-matches a str
-
-
-def test_add_lora_errors_when_nothing_matches():
-    with pytest.raises(AssertionError, match="no nn.Linear"):
-        ppo.add_lora(tiny_llama(), 4, 8, 0.0, ["no_such_proj"])
-
-
-def test_value_head_float32():
-    head = ppo.ValueHead(32, width=16)
-    hidden = torch.randn(2, 3, 32).to(torch.bfloat16)
-    value = head(hidden)
-    assert value.dtype == torch.float32 and value.shape == (2, 3)
-    assert all(p.dtype == torch.float32 for p in head.parameters())
-    assert torch.equal(value, head(hidden.float()))
-
-
-# -----------------------------------------------------------------------------
-# The parser. «» mark the expected span of the value in each answer (the markers are removed).
-
-NL = ["-", "+"]
-BJ = ["stand", "hit"]
-EZ = [str(i) for i in range(1, 11)] + ["+", "*", "="]
-P24 = [str(i) for i in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
-
-CASES = [
-    # NumberLine
-    ('{"current position": 3, "target position": 5, "thoughts": "move right", "action": "«+»"}', NL, "+"),
-    ('{"action": "«-»"}', NL, "-"),
-    ("{'action': '«+»'}", NL, "+"),  # single quotes
-    ('{"action": «-»}', NL, "-"),  # unquoted
-    ('"action":"«+»"', NL, "+"),  # no spaces
-    ('{"action" :   " «+» "  }', NL, "+"),  # extra spaces, inside the quotes too
-    ('We should go right. "ACTION": "«+»"', NL, "+"),  # upper-case key
-    ('{"thoughts": "closer", "action": "«+»"}\nThis moves the position to 4.', NL, "+"),  # text after the JSON
-    ('{"action": "«+ or -»"}', NL, None),  # names two actions
-    ('{"action": "«»"}', NL, None),  # empty value
-    ('{"thoughts": "go left", "actions": "-"}', NL, None),  # "actions" is not "action"
-    ('{"thoughts": "go right", "action": "«+»', NL, "+"),  # cut off
-    ('{"action":\n  "«-»"}', NL, "-"),  # value on the next line
-    # Blackjack
-    ('```json\n{"dealer": 10, "player": 15, "thoughts": "risky", "action": "«stand»"}\n```', BJ, "stand"),
-    ('{"action": "«Hit»"}', BJ, "hit"),  # case-insensitive
-    ('{"action": "«hit or stand»"}', BJ, None),
-    ('{"action": "hit", "action": "«stand»"}', BJ, "stand"),  # two keys: the last wins
-    ('{"thoughts": "action: hit would bust", "action": "«stand»"}', BJ, "stand"),
-    ("Action: «hit»", BJ, "hit"),  # prose, unquoted
-    ('{"action": "«hitting»"}', BJ, None),
-    ('{"thoughts": "17 is low", "action": "«hit»\n', BJ, "hit"),  # cut off at a newline
-    ('{"next_action": "hit"}', BJ, None),
-    ("{'thoughts': 'stay', 'action': '«stand»'}\nDone.", BJ, "stand"),
-    ('{"action": "stand" } {"action": «hit»}', BJ, "hit"),  # two JSON objects
-    # EZPoints
-    ('{"cards": [2, 5], "formula": "2+", "thoughts": "need 10", "action": "«10»"}', EZ, "10"),  # never "1"
-    ('{"action": «10»}', EZ, "10"),
-    ('{"action": "«1»"}', EZ, "1"),
-    ('{"action": "«10»', EZ, "10"),  # cut off
-    ('{"action": "«=»"}\n```', EZ, "="),
-    ('{"action": "«*»", "thoughts": "times"}', EZ, "*"),  # action not the last field
-    ('{"action": "«2 + 3»"}', EZ, None),
-    ('{"action": "«11»"}', EZ, None),
-    ('{"action": "«-»"}', EZ, None),  # legal in Points24, not in EZPoints
-    ("", EZ, None),  # empty answer
-    # Points24
-    ('{"action": "«/»"}', P24, "/"),
-    ('{"action": "«(»"}', P24, "("),
-    ('{"action": "«)»"}', P24, ")"),
-    ('```\n{"formula": "(", "action": "«10»"}\n```\nI chose 10.', P24, "10"),
-    ("The action is 10.", P24, None),  # no "action" key
-    ("{'action': «7»}", P24, "7"),
-    ('{"cards": ["J", 3, 7, 1], "action": "«10»"} "action" here means the next card', P24, "10"),
-]
-
-
-@pytest.mark.parametrize("marked, actions, expected", CASES)
-def test_parse_cases(marked, actions, expected):
-    text = marked.replace("«", "").replace("»", "")
-    index, span = parse.parse_action(text, actions)
-    if "«" in marked:
-        start = marked.index("«")
-        assert span == (start, marked.index("»") - 1), f"{text!r}: span {span}, value {text[span[0]:span[1]]!r}"
-    else:
-        assert span is None
-    assert index == (None if expected is None else actions.index(expected))
-
-
-def test_parse_cases_cover_every_task():
-    assert len(CASES) >= 30 and {id(c[1]) for c in CASES} == {id(NL), id(BJ), id(EZ), id(P24)}
-
-
-def test_parse_random_strings():
-    rng = np.random.default_rng(0)
-    pieces = ['{', '}', '"action"', "'action'", "action", "ACTION", ':', ' : ', '"+"', "'hit'", '"10"', '10', '1',
-              '"', "'", ',', ' ', '\n', '```json', '```', 'stand', '"-', '(', ')', '/', '=', '"thoughts": "x"']
-    keys, seps = ['"action"', "'action'", "action", "Action", '"ACTION"'], [":", ": ", " : ", ":\n"]
-    values = ['"+"', "'hit'", '"10"', "10", "1", '"stand', "=", '" / "', '"(', "Stand", '"hit or stand"', '"11"', '""']
-    printable = [chr(c) for c in range(32, 127)] + ["\n", "\t", "é", "«"]
-    legal = 0
-    for i in range(10_000):
-        if i % 3 == 0:  # random characters
-            text = "".join(rng.choice(printable, size=rng.integers(0, 40)))
-        elif i % 3 == 1:  # random JSON-ish fragments
-            text = "".join(rng.choice(pieces, size=rng.integers(1, 12)))
-        else:  # fragments around a key and a value, so that some strings hold a legal action
-            key, sep, value = rng.choice(keys), rng.choice(seps), rng.choice(values)
-            around = lambda: "".join(rng.choice(pieces, size=rng.integers(0, 4)))
-            text = around() + key + sep + value + around()
-        actions = (P24, BJ, NL, EZ)[i % 4]
-        index, span = parse.parse_action(text, actions)
-        assert index is None or span is not None
-        if span is not None:
-            start, end = span
-            assert 0 <= start <= end <= len(text)
-        if index is not None:
-            legal += 1
-            assert actions[index].lower() == text[start:end].strip(" \"'").lower() == text[start:end].lower()
-    assert legal > 500, f"the random strings rarely held a legal action ({legal}); the test would prove little"
-
-
-# ======================================================================================
-# rl4vlm.py: the lambda split, log-probs, errors, an end-to-end run and exact resume
-# ======================================================================================
 
 HERE = Path(__file__).parent
+
+
 # a few tiny updates: 4 envs x 4 steps, a 3-step warm start, 4 evaluation episodes
 FAST = ["--num-envs", "4", "--num-steps", "4", "--total-steps", "48", "--sft-steps", "3", "--sft-batch", "4",
         "--eval-episodes", "4", "--minibatch-size", "8", "--micro-batch", "4", "--max-new-tokens", "16",
-        "--checkpoint-every", "1"]
+        "--checkpoint-every", "2"]
 
 
 @pytest.fixture(scope="session")
@@ -922,20 +135,43 @@ def policy(cache):
     folder = cache / "builtin-seed1"
     if not folder.exists():
         rl4vlm.build_builtin(folder, seed=1)
-    model, processor = rl4vlm.load_policy(str(folder), "cpu")
+    policy = rl4vlm.load_policy(str(folder), "cpu")
     torch.manual_seed(0)
-    ppo.add_lora(model, 4, 8.0, 0.0, r"language_model\.")
-    for m in model.modules():  # random B so that LoRA takes part in every check below
-        if isinstance(m, ppo.LoRALinear):
-            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-    model.eval()
-    value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
-    return model, processor, value_head
+    ppo.add_lora(policy.model, 4, 8.0, 0.0, r"language_model\.")
+    for _, m in ppo.lora_modules(policy.model):  # random B so that LoRA takes part in every check below
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    policy.model.eval()
+    policy.value_head = ppo.ValueHead(policy.model.config.get_text_config().hidden_size)
+    return policy
 
 
 def settings(**kw):
     task = envs.get_task(kw.pop("env", "numberline"))
     return rl4vlm.with_task_defaults(rl4vlm.Settings(**kw), task), task
+
+
+def states(n, seed=0):
+    env = gym.make(envs.get_task("numberline").env_id)
+    obs, infos = zip(*[env.reset(seed=seed + k) for k in range(n)])
+    return list(obs), list(infos)
+
+
+def trainable(policy):
+    return ppo.lora_parameters(policy.model) + list(policy.value_head.parameters())
+
+
+def answer_samples(policy, task, prompts, answers):
+    """Samples of given prompt texts and answers: weights 1, old log-prob and value 0."""
+    env = gym.make(task.env_id)
+    samples = []
+    for k, (prompt, answer) in enumerate(zip(prompts, answers)):
+        obs, _ = env.reset(seed=k)
+        ids = torch.tensor(policy.processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        samples.append(rl4vlm.Sample(
+            prompt=rl4vlm.encode_prompts(policy.processor, [obs], [prompt], "cpu")[0], gen_ids=ids,
+            weights=torch.ones(len(ids)), logprob=0.0, value=0.0, entropy=torch.zeros(len(ids)), text=answer,
+            n_thought=0, thought="", action=0, format_ok=True))
+    return samples
 
 
 class PiecesTokenizer:
@@ -947,72 +183,18 @@ class PiecesTokenizer:
         return "".join(self.pieces[i] for i in ids)
 
 
-def test_lambda_split_by_hand():
-    pieces = ['{"thoughts": "go', ' up", ', '"action": "', '+', '"}']
-    text = "".join(pieces)
-    _, span = parse.parse_action(text, ["-", "+"])
-    assert text[span[0]:span[1]] == "+"
-    weights = rl4vlm.token_weights(PiecesTokenizer(pieces), list(range(5)), span, 0.5)
-    logprobs = [-1.0, -2.0, -3.0, -4.0, -5.0]
-    # thought tokens 0..2, action tokens 3..4: 0.5 * (-1 - 2 - 3) + (-4 - 5) = -12
-    assert sum(w * lp for w, lp in zip(weights, logprobs)) == -12.0
-    # a token holding the value's first character counts as action, even with the key in it
-    pieces = ['{"thoughts": "go up", ', '"action": "+', '"}']
-    _, span = parse.parse_action("".join(pieces), ["-", "+"])
-    assert rl4vlm.token_weights(PiecesTokenizer(pieces), [0, 1, 2], span, 0.25) == [0.25, 1.0, 1.0]
-    # no "action" key: every token is thought
-    assert rl4vlm.token_weights(PiecesTokenizer(["no", " json"]), [0, 1], None, 0.5) == [0.5, 0.5]
-    # lambda = 1 is the plain sum of all tokens
-    assert rl4vlm.token_weights(PiecesTokenizer(pieces), [0, 1, 2], span, 1.0) == [1.0, 1.0, 1.0]
-
-
-def token_weights_by_every_prefix(tokenizer, gen_ids, span, thought_coef):
-    """The definition, quadratic: decode every prefix and compare its length with the action's start."""
-    if span is None:
-        return [thought_coef] * len(gen_ids)
+def action_start_by_every_prefix(tokenizer, gen_ids, span):
+    """The definition, quadratic: the first token whose decoded prefix reaches past the action's start."""
     ends = [len(tokenizer.decode(gen_ids[:i + 1], skip_special_tokens=True)) for i in range(len(gen_ids))]
-    return [thought_coef if end <= span[0] else 1.0 for end in ends]
+    return next((i for i, end in enumerate(ends) if end > span[0]), len(gen_ids))
 
 
 def check_split_equals_the_definition(tokenizer, ids):
-    """token_weights equals the definition for every place the action value could start."""
+    """action_start equals the definition for every place the action value could start."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     for start in range(len(text) + 1):
-        assert rl4vlm.token_weights(tokenizer, ids, (start, start), 0.5) == \
-            token_weights_by_every_prefix(tokenizer, ids, (start, start), 0.5), (ids, start)
-
-
-def test_lambda_split_equals_decoding_every_prefix(policy):
-    """On every task's answers (with and without thoughts) and on random token sequences, special
-    tokens and broken UTF-8 bytes included, with the built-in tokenizer and a foreign one."""
-    _, processor, _ = policy
-    foreign = bpe_tokenizer(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
-    rng = np.random.default_rng(0)
-    for tokenizer in (processor.tokenizer, foreign):
-        for task in envs.TASKS.values():
-            _, info = gym.make(task.env_id).reset(seed=1)
-            for cot in (True, False):
-                answer = task.answer(info, int(rng.integers(len(task.actions))), cot)
-                check_split_equals_the_definition(tokenizer, tokenizer(answer, add_special_tokens=False)["input_ids"])
-        for _ in range(30):
-            check_split_equals_the_definition(tokenizer, rng.integers(len(tokenizer), size=24).tolist())
-    assert "\ufffd" in foreign.decode([foreign.convert_tokens_to_ids("\u00c3")]), "no broken byte was tried"
-
-
-def test_lambda_split_with_the_builtin_tokenizer(policy):
-    _, processor, _ = policy
-    task = envs.get_task("numberline")
-    info = {"Target": 4, "Current": 1}
-    text = rl4vlm.answer_text(processor, task.prompt(info, True), task.answer(info, 1, True))
-    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    decoded = processor.tokenizer.decode(ids, skip_special_tokens=True)
-    index, span = parse.parse_action(decoded, task.actions)
-    assert index == 1
-    weights = rl4vlm.token_weights(processor.tokenizer, ids, span, 0.5)
-    first_action = weights.index(1.0)
-    # the thought tokens decode to exactly the text before the action value
-    assert processor.tokenizer.decode(ids[:first_action], skip_special_tokens=True) == decoded[:span[0]]
-    assert weights[:first_action] == [0.5] * first_action and set(weights[first_action:]) == {1.0}
+        assert rl4vlm.action_start(tokenizer, ids, (start, start)) == \
+            action_start_by_every_prefix(tokenizer, ids, (start, start)), (ids, start)
 
 
 def check_prompt_cache(processor):
@@ -1028,227 +210,6 @@ def check_prompt_cache(processor):
         assert row.keys() == fresh.keys() and all(torch.equal(row[k], fresh[k]) for k in fresh), prompt
 
 
-def test_prompt_cache_gives_the_processors_tensors(policy):
-    check_prompt_cache(policy[1])
-
-
-def test_tensor_cache_forgets_the_least_recently_used_beyond_its_bytes():
-    cache = rl4vlm.TensorCache(max_bytes=2 * 400)  # room for two rows of 100 float32 values
-    row = lambda: {"x": torch.zeros(100)}
-    a, b = cache.get("a", row), cache.get("b", row)
-    assert cache.get("a", row) is a  # "a" is now the most recent
-    cache.get("c", row)
-    assert list(cache.rows) == ["a", "c"] and cache.bytes == 800
-    assert cache.get("b", row) is not b  # "b" was forgotten and is made anew
-
-
-def test_suppressed_tokens(policy):
-    model, processor, _ = policy
-    suppress = rl4vlm.suppressed_ids(model, processor)
-    tok = processor.tokenizer
-    assert tok.eos_token_id not in suppress
-    assert tok.convert_tokens_to_ids("<image>") in suppress and tok.pad_token_id in suppress
-
-
-def encoded_samples(processor, task, prompts, answers):
-    """Samples as act() makes them, for given prompt texts and answers."""
-    env = gym.make(task.env_id)
-    samples = []
-    for k, (prompt, answer) in enumerate(zip(prompts, answers)):
-        obs, _ = env.reset(seed=k)
-        enc = rl4vlm.encode_prompts(processor, [obs], [prompt], "cpu")[0]
-        ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        samples.append(dict(prompt=enc, gen_ids=torch.tensor(ids), weights=torch.ones(len(ids))))
-    return samples
-
-
-def test_batch_of_different_lengths_equals_each_alone(policy):
-    model, processor, value_head = policy
-    task = envs.get_task("numberline")
-    prompts = ["short", "a somewhat longer prompt about the target number", task.prompt({"Target": 1, "Current": 2}, True)]
-    answers = ['{"action": "+"}', '{"current": 2, "target": 1, "thoughts": "x", "action": "-"}', "+"]
-    samples = encoded_samples(processor, task, prompts, answers)
-    assert len({x["prompt"]["input_ids"].shape[1] for x in samples}) == 3, "prompts must differ in length"
-    pad = processor.tokenizer.pad_token_id
-    with torch.no_grad():
-        batch = rl4vlm.forward(model, value_head, *rl4vlm.collate(samples, pad)[:3], 1.0, [])
-        for i, x in enumerate(samples):
-            alone = rl4vlm.forward(model, value_head, *rl4vlm.collate([x], pad)[:3], 1.0, [])
-            n = len(x["gen_ids"])
-            assert torch.allclose(batch[0][i, :n], alone[0][0], atol=1e-5)
-            assert (batch[0][i, n:] == 0).all()
-            assert torch.allclose(batch[1][i], alone[1][0], atol=1e-5)
-
-
-def test_forward_logprobs_equal_log_softmax_of_every_logit(policy):
-    """forward() asks the model for the logits of the answer positions only; they must be the
-    full pass's logits at positions P-1 .. P+G-2."""
-    model, processor, value_head = policy
-    task = envs.get_task("numberline")
-    samples = encoded_samples(processor, task, ["a prompt", "another, longer prompt"], ['{"action": "+"}', '{"action": "-"}'])
-    prompt, gen_ids, gen_mask, _ = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logprobs = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, 0.7, [])[0]
-        ids = torch.cat([prompt["input_ids"], gen_ids], 1)
-        mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=prompt["pixel_values"]).logits
-    P = prompt["input_ids"].shape[1]
-    expected = torch.log_softmax(logits[:, P - 1:-1] / 0.7, -1).gather(-1, gen_ids.unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(logprobs, expected.where(gen_mask, 0.0), atol=1e-5)
-
-
-def test_env_pool_saves_states_not_pictures_and_continues_the_same():
-    import pickle
-    pool = rl4vlm.EnvPool("gym_cards/Points24-v0", 32, first_seed=5)
-    for i in range(32):
-        pool.step(i, 3)
-    saved = pickle.dumps(pool)
-    assert len(saved) < 64_000, f"{len(saved)} bytes: pictures or spaces were saved"
-    copy = pickle.loads(saved)
-    assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.infos == pool.infos
-    for action in (0, 10, 1, 16):
-        for i in range(32):
-            a, b = pool.step(i, action), copy.step(i, action)
-            assert a[:3] == b[:3] and (a[3] is None) == (b[3] is None)
-    assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.next_seed == pool.next_seed
-
-
-def test_rollout_logprobs_and_values_equal_a_full_forward(policy):
-    model, processor, value_head = policy
-    s, task = settings(max_new_tokens=12, temperature=0.7)
-    env = gym.make(task.env_id)
-    obs, infos = zip(*[env.reset(seed=k) for k in range(4)])
-    torch.manual_seed(0)
-    suppress = rl4vlm.suppressed_ids(model, processor)
-    samples, actions = rl4vlm.act(model, value_head, processor, task, list(obs), list(infos), s, suppress,
-                                  np.random.default_rng(0))
-    assert all(0 <= a < len(task.actions) for a in actions)
-    with torch.no_grad():
-        for x in samples:
-            prompt, gen_ids, gen_mask, weights = rl4vlm.collate([x], processor.tokenizer.pad_token_id)
-            logprobs, values, out = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
-            assert abs(float((logprobs * weights).sum()) - x["logprob"]) < 1e-5
-            assert abs(float(values[0]) - x["value"]) < 1e-5
-            # the entropy of each step's sampling distribution, -sum p log p over the unsuppressed tokens
-            logits = out.logits[0, :-1].double() / s.temperature
-            p = torch.softmax(logits.index_fill(1, torch.tensor(suppress), -math.inf), -1)
-            entropy = -(p * p.log()).nan_to_num().sum(1)
-            assert torch.allclose(x["entropy"].double(), entropy, atol=1e-4)
-            assert x["n_thought"] == int((weights[0] == s.thought_coef).sum())
-
-
-def test_no_action_plays_a_random_action_and_counts_as_thought(policy, monkeypatch):
-    model, processor, value_head = policy
-    s, task = settings(max_new_tokens=6)
-    monkeypatch.setattr(parse, "parse_action", lambda text, actions: (None, None))
-    env = gym.make(task.env_id)
-    obs, infos = zip(*[env.reset(seed=k) for k in range(8)])
-    samples, actions = rl4vlm.act(model, value_head, processor, task, list(obs), list(infos), s,
-                                  rl4vlm.suppressed_ids(model, processor), np.random.default_rng(0))
-    assert not any(x["format_ok"] for x in samples)
-    assert all(set(x["weights"].tolist()) == {s.thought_coef} for x in samples)
-    assert actions == np.random.default_rng(0).integers(2, size=8).tolist()
-
-
-def test_nan_loss_is_an_error(policy):
-    model, processor, value_head = policy
-    s, task = settings()
-    samples = encoded_samples(processor, task, ["a", "b"], ['{"action": "+"}', '{"action": "-"}'])
-    for x in samples:
-        x.update(logprob=math.nan, value=0.0)
-    params = ppo.lora_parameters(model) + list(value_head.parameters())
-    opt = torch.optim.AdamW(params, lr=0.0)
-    with pytest.raises(FloatingPointError, match="PPO loss is nan"):
-        rl4vlm.ppo_update(model, value_head, opt, params, samples, torch.ones(1, 2), torch.ones(1, 2), s,
-                          [], processor.tokenizer.pad_token_id, np.random.default_rng(0))
-
-
-def test_kl_guard_stops_before_a_step_on_a_minibatch_past_target_kl(policy):
-    """Old log-probs set to the current ones + 0.5: the first minibatch's approx_kl is then
-    (exp(-0.5) - 1) + 0.5 = 0.10653 by hand, before any step."""
-    model, processor, value_head = policy
-    task = envs.get_task("numberline")
-    samples = encoded_samples(processor, task, ["a", "b", "c", "d"], ['{"action": "+"}', '{"action": "-"}'] * 2)
-    prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logprobs, values, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, 0.2, [])
-    for x, lp, v in zip(samples, (logprobs * weights).sum(1).tolist(), values.tolist()):
-        x.update(logprob=lp + 0.5, value=v)
-    params = ppo.lora_parameters(model) + list(value_head.parameters())
-    before = [p.detach().clone() for p in params]
-
-    def update(target_kl):
-        s, _ = settings(target_kl=target_kl, minibatch_size=2, micro_batch=1, update_epochs=2, temperature=0.2)
-        opt = torch.optim.SGD(params, lr=1e-3)
-        return rl4vlm.ppo_update(model, value_head, opt, params, samples, torch.ones(1, 4), torch.ones(1, 4), s,
-                                 [], processor.tokenizer.pad_token_id, np.random.default_rng(0))
-    stats = update(target_kl=0.1)
-    assert stats["optimizer_steps"] == 0 and abs(stats["approx_kl"] - (math.exp(-0.5) - 0.5)) < 1e-5
-    assert all(torch.equal(a, b) for a, b in zip(before, params)), "no step may be taken past target_kl"
-    stats = update(target_kl=0.2)  # under the guard: every minibatch of both epochs steps
-    assert stats["optimizer_steps"] == 4 and not all(torch.equal(a, b) for a, b in zip(before, params))
-    with torch.no_grad():
-        for p, b in zip(params, before):
-            p.copy_(b)
-
-
-def test_diagnostics_on_a_hand_made_batch():
-    x = lambda entropy, n_thought, thought, action: dict(entropy=torch.tensor(entropy), n_thought=n_thought,
-                                                         thought=thought, action=action)
-    samples = [x([1.0, 2.0, 0.5], 2, '{"thoughts": "up", ', 1),   # thought tokens 1, 2; action token 0.5
-               x([3.0, 0.1, 0.2], 1, '{"thoughts": "up", ', 1),   # thought 3; action 0.1, 0.2
-               x([0.0, 0.6], 2, "no action at all", 0),           # no action value: all thought
-               x([0.3], 0, "", 1)]                                # action only
-    d = rl4vlm.diagnostics(samples, ("-", "+"))
-    assert abs(d["thought_entropy"] - (1 + 2 + 3 + 0 + 0.6) / 5) < 1e-6
-    assert abs(d["action_entropy"] - (0.5 + 0.1 + 0.2 + 0.3) / 4) < 1e-6
-    assert d["distinct_thoughts"] == 3 / 4 and d["action_share"] == {"-": 0.25, "+": 0.75}
-
-
-def test_wilson_interval():
-    low, high = rl4vlm.wilson(5, 10)
-    assert abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4  # textbook value
-    assert rl4vlm.wilson(0, 10)[0] == 0.0 and abs(rl4vlm.wilson(10, 10)[1] - 1.0) < 1e-12
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--num-envs", "-1"], "--num-envs must be > 0"),
-    (["--env", "chess"], "chess"),
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
-    (["--sft-expert", "1.5"], "--sft-expert must be in [0, 1]"),
-    (["--sft-follow", "-0.1"], "--sft-follow must be in [0, 1]"),
-    (["--target-kl", "-1"], "--target-kl must be >= 0"),
-    (["--ablations", "dropout"], "--ablations must be cot or lambda"),
-    (["--seeds", "1", "1"], "--seeds must differ"),
-    (["--seeds"], "expected at least one argument"),
-    (["--env", "numberline,chess"], "chess"),
-    (["--num-steps", "ten"], "invalid int value"),
-    (["--model", str(HERE)], "no config.json"),
-    (["--resume", str(HERE)], "not a run folder"),
-])
-def test_bad_settings_are_rejected(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        rl4vlm.parse_settings(argv)
-    assert message in str(e.value) and "\n" not in str(e.value)
-
-
-def test_bad_flag_exits_nonzero_with_one_line():
-    out = subprocess.run([sys.executable, str(HERE / "rl4vlm.py"), "--lora-rank", "0"],
-                         capture_output=True, text=True, cwd=HERE)
-    assert out.returncode != 0
-    assert out.stderr.strip() == "rl4vlm.py: error: --lora-rank must be > 0, got 0"
-
-
-def test_a_model_that_is_not_a_vlm_is_rejected(tmp_path):
-    from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
-    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(SystemExit, match="not an image-text-to-text"):
-        rl4vlm.load_policy(str(tmp_path), "cpu")
-
-
 def strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("rollout_seconds", "steps_per_second")} for r in rows]
 
@@ -1257,99 +218,38 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_end_to_end_run_writes_metrics_checkpoint_and_resumes_exactly(cache, tmp_path, monkeypatch):
-    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
-    results = rl4vlm.main(common + ["--run-name", "full"])
-    full = tmp_path / "full"
-    rows = read_metrics(full)
-    assert [r["update"] for r in rows] == [1, 2, 3]
-    for key in ("env_steps", "success", "mean_return", "format_fail", "approx_kl", "clipfrac",
-                "explained_variance", "steps_per_second"):
-        assert key in rows[0]
-    assert (full / "latest").read_text() == "checkpoint-00003"
-    assert (full / "checkpoint-00003" / "adapter_config.json").exists()
-    assert (full / "curve.png").exists() and (full / "results.md").exists()
-    assert set(results) == {"warm_start", "rl"} and results["rl"]["episodes"] == 4
-
-    # the same run, stopped during update 3, then resumed: the same numbers
-    real_update, calls = rl4vlm.ppo_update, []
-
-    def stop_at_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_update(*args, **kwargs)
-    monkeypatch.setattr(rl4vlm, "ppo_update", stop_at_third)
-    with pytest.raises(SystemExit) as e:
-        rl4vlm.main(common + ["--run-name", "stopped"])
-    assert e.value.code == 130
-    stopped = tmp_path / "stopped"
-    assert (stopped / "latest").read_text() == "checkpoint-00002" and len(read_metrics(stopped)) == 2
-    monkeypatch.setattr(rl4vlm, "ppo_update", real_update)
-    resumed = rl4vlm.main(["--resume", str(stopped)])
-    assert strip_timing(read_metrics(stopped)) == strip_timing(rows)
-    assert resumed == results or {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in resumed.items()} == \
-        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
+def write_sft_data(folder, n=4):
+    """A JSONL of n expert answers for NumberLine states, pictures saved beside it."""
+    task = envs.get_task("numberline")
+    obs, infos = states(n, seed=100)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, (image, info) in enumerate(zip(obs, infos)):
+        Image.fromarray(image).save(folder / f"{k}.png")
+        lines.append(json.dumps({"image": f"{k}.png", "prompt": task.prompt(info, True),
+                                 "answer": task.answer(info, task.expert(info), True)}))
+    (folder / "sft.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "sft.jsonl"
 
 
-def test_a_seed_of_several_gives_what_it_gives_alone(cache, tmp_path):
-    """--seeds runs each seed as --seed would: the tables may gather runs made one seed at a time."""
-    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--total-steps", "16", "--env", "numberline"]
-    both = rl4vlm.main(common + ["--run-name", "both", "--seeds", "2", "1"])
-    alone = rl4vlm.main(common + ["--run-name", "alone", "--seed", "1"])
-    assert strip_timing(read_metrics(tmp_path / "both" / "seed1" / "NumberLine")) == strip_timing(read_metrics(tmp_path / "alone"))
-    assert {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in both["NumberLine", 1].items()} == \
-        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in alone.items()}
-    assert (tmp_path / "both" / "results.md").read_text().count("| NumberLine |") == 3  # 2 stages + diagnostics
+def ppo_step(policy, s, samples, lr=1e-2):
+    """One PPO update of one epoch over `samples` (one step: advantages +1, -1, ...)."""
+    n = len(samples)
+    advantages = torch.tensor([[(-1.0) ** k for k in range(n)]])
+    s = replace(s, update_epochs=1, minibatch_size=n, micro_batch=2)
+    return rl4vlm.ppo_update(policy, torch.optim.AdamW(trainable(policy), lr=lr), samples, advantages,
+                             advantages.clone(), s, np.random.default_rng(0))
 
 
-def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "settings.json").write_text("{}")
-    with pytest.raises(SystemExit, match="--resume"):
-        rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "old"])
-
-
-def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
-    tasks = list(envs.TASKS.values())
-    r = lambda p, t: dict(success=p, ci_low=p - 0.05, ci_high=p + 0.05, episodes=500, expert_match=p / 2,
-                          **({"solvable": 0.73} if t.solvable else {}))
-    results = {}
-    for seed, (ws, rl) in {1: (0.2, 0.6), 3: (0.1, 0.9)}.items():
-        for t in tasks:
-            results[t.name, seed] = {"warm_start": r(ws, t), "rl": r(rl, t)}
-            folder = tmp_path / f"seed{seed}" / t.name
-            folder.mkdir(parents=True)
-            (folder / "metrics.jsonl").write_text("".join(json.dumps({"approx_kl": kl}) + "\n" for kl in (0.01, 0.02, seed / 10)))
-    md, csv = rl4vlm.suite_tables(tasks, [1, 3], results, tmp_path)
-    lines = md.splitlines()
-    assert lines[2] == "| task | policy | seed 1 | seed 3 | mean | min-max | paper (7B) |"
-    assert lines[4] == "| NumberLine | warm start only | 20.0 | 10.0 | 15.0 | 10.0-20.0 | 24.8 |"
-    assert lines[5] == "| NumberLine | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 89.4 |"
-    assert lines[11] == "| Blackjack | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 40.2 |"
-    # expert match means over seeds; approx_kl median and max over every update of both seeds
-    assert "| EZPoints | 7.5 | 37.5 | 0.0200 | 0.3000 |" in lines
-    assert "Points24: 73.0% of the evaluated deals can be won at all." in md
-    rows = csv.splitlines()
-    assert rows[0] == "task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"
-    assert rows[1] == "NumberLine,1,warm_start,0.2000,0.1500,0.2500,500,0.1000,,24.8" and len(rows) == 1 + 2 * 2 * len(tasks)
-
-
-def test_gym_cards_is_accepted_as_env():
-    assert rl4vlm.parse_settings(["--env", "gym-cards"]).env == "gym-cards"
-
-
-# ======================================================================================
-# any Hugging Face VLM as the policy: tiny LLaVA, Idefics3, Gemma3 (and Qwen2-VL's model) through --model FOLDER
-# ======================================================================================
-# Any Hugging Face VLM as the policy (issue #6). Tiny random LLaVA, Idefics3 and Gemma3 models
-# are built here from configs (offline), saved to a folder and driven through `--model FOLDER`.
+# --- rl4vlm.py, with tiny random models of other families --------------------------------
+# Tiny random LLaVA, Idefics3 and Gemma3 models are built here from configs (offline), saved to a
+# folder and driven through `--model FOLDER`.
 #
 # Qwen2-VL cannot go through `--model FOLDER` here: its processor insists on a video processor,
 # and video processors need torchvision, which does not import next to the CPU torch here. The
 # Qwen2-VL model itself builds, so a stand-in for the processor's image path drives it through
 # act / forward / ppo_update (3-D rotary positions, mm_token_type_ids, flat pixel_values).
-#
+
 
 def bpe_tokenizer(specials, add_bos=False, **special_tokens):
     """A byte-level BPE tokenizer trained on the tasks' text, with `specials` as special tokens;
@@ -1464,11 +364,1309 @@ def folder(request, tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def llava(tmp_path):
+    path = tmp_path / "llava"
+    torch.manual_seed(0)
+    model, processor = build_llava(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def fast_args(folder, tmp_path, *extra):
     return ["--model", str(folder), "--env", "numberline", "--num-envs", "2", "--num-steps", "2", "--total-steps", "4",
             "--sft-steps", "2", "--sft-batch", "2", "--eval-episodes", "2", "--max-new-tokens", "8",
             "--minibatch-size", "4", "--micro-batch", "2", "--cache-dir", str(tmp_path / "cache"),
             "--out-dir", str(tmp_path), *extra]
+
+
+def load(folder, **settings):
+    """The model as run() sees it: loaded from the folder, LoRA on the default targets (B made
+    random so that the adapters take part), a value head."""
+    s = rl4vlm.with_task_defaults(rl4vlm.Settings(**settings), envs.get_task("numberline"))
+    policy = rl4vlm.load_policy(str(folder), "cpu", s.dtype)
+    torch.manual_seed(0)
+    ppo.add_lora(policy.model, 4, 8.0, 0.0, rl4vlm.lora_targets(policy.model, s))
+    for _, m in ppo.lora_modules(policy.model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    policy.model.eval()
+    policy.value_head = ppo.ValueHead(policy.model.config.get_text_config().hidden_size)
+    return s, policy
+
+
+class Qwen2VLStandIn:
+    """What Qwen2VLProcessor does for one image per text (the class itself cannot be built here)."""
+    def __init__(self, image_processor, tokenizer, chat_template):
+        self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
+
+    def apply_chat_template(self, conversation, **kwargs):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
+
+    def __call__(self, images, text, return_tensors, add_special_tokens=True):
+        pixels = self.image_processor(images=images, return_tensors=return_tensors)  # pixel_values (patches, 3*2*8*8)
+        n = int(pixels["image_grid_thw"][0].prod()) // self.image_processor.merge_size ** 2
+        enc = self.tokenizer([t.replace("<|image_pad|>", "<|image_pad|>" * n) for t in text],
+                             return_tensors=return_tensors, add_special_tokens=add_special_tokens)
+        enc["mm_token_type_ids"] = (enc["input_ids"] == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()
+        return {**enc, **pixels}
+
+
+# ======================================================================================
+# envs.py: every rule of the gym-cards rules file, the task table, the solvers and the experts
+# ======================================================================================
+# --- gymnasium frame -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_registered_with_300_step_limit_and_picture_space(env_id):
+    env = gym.make(env_id)
+    assert env.spec.max_episode_steps == 300
+    assert env.observation_space == gym.spaces.Box(0, 255, (300, 300, 3), np.uint8)
+    obs, info = env.reset(seed=1)
+    assert obs.shape == (300, 300, 3) and obs.dtype == np.uint8 and isinstance(info, dict)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_check_env_passes_without_warnings(env_id):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(gym.make(env_id).unwrapped)
+    assert not caught, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_same_seed_same_pictures_and_rewards_different_seeds_differ(env_id):
+    pictures, rewards = play(env_id, seed=7)
+    random.seed(99)  # the global generators must play no part
+    np.random.seed(99)
+    pictures2, rewards2 = play(env_id, seed=7)
+    assert rewards == rewards2 and len(pictures) == len(pictures2)
+    assert all(np.array_equal(a, b) for a, b in zip(pictures, pictures2))
+    first_pictures = {play(env_id, seed=s, steps=0)[0][0].tobytes() for s in range(8)}
+    assert len(first_pictures) > 1, "different seeds gave the same first picture"
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_info_is_a_snapshot(env_id):
+    env = gym.make(env_id)
+    _, info = env.reset(seed=3)
+    before = json.dumps(info)
+    env.step(0)
+    assert json.dumps(info) == before, "a stored info changed when the env moved on"
+
+
+def test_cached_picture_equals_a_fresh_drawing_for_every_number_line_state():
+    env = make("gym_cards/NumberLine-v0")
+    for position in range(6):
+        for target in range(6):
+            env.position, env.target = position, target
+            assert np.array_equal(env.render(), np.asarray(env.draw())), (position, target)
+
+
+@pytest.mark.parametrize("env_id", IDS[1:])
+def test_cached_picture_equals_a_fresh_drawing_on_random_play(env_id):
+    envs.tile.cache_clear()
+    pictures = 0
+    for env in random_play_states(env_id, 150):
+        assert np.array_equal(env.render(), np.asarray(env.draw())), env.info()
+        pictures += 1
+    # and a wide formula (Points) or a second row of cards (Blackjack), where layouts wrap
+    env = make(env_id)
+    if env_id.endswith("Blackjack-v0"):
+        env.player = [1, 2, 3, 4, 5, 6, 7]
+    else:
+        env.formula = ["10", "*", "(", "10", " ", "/"] * (env.max_entries // 6 + 1)
+    assert np.array_equal(env.render(), np.asarray(env.draw()))
+    assert pictures == 150
+
+
+def test_each_sprite_is_painted_once_and_pictures_are_new_arrays():
+    env = make("gym_cards/NumberLine-v0", position=2, target=4)
+    first = env.render()
+    painted = envs.tile.cache_info().misses
+    env.position = 3
+    assert not np.array_equal(env.render(), first)
+    assert envs.tile.cache_info().misses <= painted + 1, "only the new number's line may be painted"
+    env.position = 2
+    again = env.render()
+    assert envs.tile.cache_info().misses <= painted + 1, "a state seen before must be made of cached tiles"
+    assert np.array_equal(again, first) and again is not first and again.flags.writeable
+
+
+# --- NumberLine ------------------------------------------------------------------------
+
+
+def test_number_line_start_and_target_draw_with_the_mod_5_quirk():
+    seen_equal = set()
+    for seed in range(400):
+        rng, _ = seeding.np_random(seed)
+        start, target = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+        info = make("gym_cards/NumberLine-v0", seed).info()
+        assert info["Current"] == start
+        if start == target:
+            seen_equal.add(start)
+            assert info["Target"] == (target + 1) % 5
+        else:
+            assert info["Target"] == target
+    assert 5 in seen_equal, "no seed tested the 5-and-5 case (target must become 1)"
+
+
+def test_number_line_actions_and_rewards():
+    env = make("gym_cards/NumberLine-v0", position=2, target=4)
+    assert env.actions == ("-", "+")
+    assert env.step(1)[1:4] == (0.0, False, False) and env.position == 3  # "+" moves up, closer: 0
+    assert env.step(0)[1:4] == (-1.0, False, False) and env.position == 2  # "-" moves down, away: -1
+    env.step(1)
+    _, reward, terminated, truncated, info = env.step(1)
+    assert (reward, terminated, truncated, info) == (1.0, True, False, {"Target": 4, "Current": 4})
+
+
+@pytest.mark.parametrize("position,action,target", [(0, 0, 3), (5, 1, 2)])
+def test_number_line_blocked_at_an_end_gives_minus_1(position, action, target):
+    env = make("gym_cards/NumberLine-v0", position=position, target=target)
+    assert env.step(action)[1:4] == (-1.0, False, False) and env.position == position
+
+
+def test_number_line_truncated_after_10_steps():
+    env = make("gym_cards/NumberLine-v0", position=0, target=5)
+    for step in range(1, 11):
+        _, _, terminated, truncated, _ = env.step(0)
+        assert not terminated and truncated == (step == 10)
+
+
+def test_number_line_reaching_target_on_step_10_is_terminated_not_truncated():
+    env = make("gym_cards/NumberLine-v0", position=0, target=1)
+    for _ in range(9):
+        env.step(0)
+    assert env.step(1)[1:4] == (1.0, True, False)
+
+
+# --- Points (EZPoints, Points24) -------------------------------------------------------
+
+
+def test_points_action_indices():
+    assert envs.EZPointsEnv.actions == tuple(str(n) for n in range(1, 11)) + ("+", "*", "=")
+    assert envs.Points24Env.actions == tuple(str(n) for n in range(1, 11)) + ("+", "-", "*", "/", "(", ")", "=")
+
+
+def test_ez_points_deal_distribution():
+    second_cards, first_ranks, swapped = {}, set(), 0
+    env = envs.EZPointsEnv()
+    for seed in range(3000):
+        rng, _ = seeding.np_random(seed)
+        rank = int(rng.integers(2, 14))  # card 1 is drawn first, then maybe swapped
+        env.np_random, _ = seeding.np_random(seed)  # reset(seed=seed) without drawing the picture
+        env.deal()
+        first = 0 if env.ranks[0] == rank else 1
+        assert env.ranks[first] == rank and env.ranks[1 - first] <= 10, "card 2 is a plain number card"
+        assert set(env.suits) <= set("SHCD")
+        second_cards.setdefault(min(rank, 10), []).append(env.numbers[1 - first])
+        first_ranks.add(rank)
+        swapped += first
+    assert first_ranks == set(range(2, 14))
+    assert 1300 < swapped < 1700, "the cards swap places half the time"
+    for value, seconds in second_cards.items():
+        products = sum(value * s == 12 and value + s != 12 for s in seconds)
+        assert all(value + s == 12 or value * s == 12 for s in seconds)
+        if value in (2, 3, 4):  # (6 * 2 and 6 + 6 are both 12: nothing to tell apart)
+            assert 0.35 < products / len(seconds) < 0.65, (value, products, len(seconds))
+        elif value != 6:
+            assert products == 0
+
+
+def test_points24_deal_distribution():
+    ranks = Counter()
+    env = envs.Points24Env()
+    env.reset(seed=0)
+    for _ in range(1000):
+        env.deal()
+        assert len(env.ranks) == 4 and env.numbers == [min(r, 10) for r in env.ranks]
+        ranks.update(env.ranks)
+    assert set(ranks) == set(range(1, 14)) and max(ranks.values()) < 2 * min(ranks.values())
+    assert make("gym_cards/Points24-v0", ranks=[1, 11, 12, 13], suits=list("SHCD")).info()["Cards"] == ["AS", "JH", "QC", "KD"]
+
+
+@pytest.mark.parametrize("env_id,limit", [("gym_cards/EZPoints-v0", 5), ("gym_cards/Points24-v0", 20)])
+def test_points_truncated_with_minus_1_once_formula_is_too_long(env_id, limit):
+    env = make(env_id, formula=["+"] * limit)
+    assert press(env, "+") == (0.0, False, False) and len(env.formula) == limit + 1
+    assert press(env, "=") == (-1.0, False, True), "'=' comes after the length check"
+    env.formula = ["+"] * limit
+    assert press(env, "=")[1] is True, f"{limit} entries may still be evaluated"
+
+
+def test_points_illegal_number_appends_a_blank():
+    env = make("gym_cards/EZPoints-v0", ranks=[6, 6], formula=[])
+    assert press(env, "6", "+", "6") == (0.0, False, False)
+    assert press(env, "6") == (-1.0, False, False) and env.formula == ["6", "+", "6", " "]
+    assert press(env, "5") == (-1.0, False, False) and env.formula[-1] == " "
+    assert press(env, "=") == (10.0, True, False), "'6+6 ' still evaluates to 12"
+
+
+def test_points_equals_is_not_appended_and_rewards():
+    env = make("gym_cards/EZPoints-v0", ranks=[2, 6], formula=[])
+    assert press(env, "2", "*", "6", "=") == (10.0, True, False) and env.formula == ["2", "*", "6"]
+    env = make("gym_cards/EZPoints-v0", ranks=[2, 6], formula=[])
+    assert press(env, "2", "+", "6", "=") == (-1.0, True, False)
+    env = make("gym_cards/EZPoints-v0", ranks=[13, 2], formula=[])  # a king counts as 10
+    assert press(env, "10", "+", "2", "=") == (10.0, True, False)
+
+
+def test_points_every_card_used_exactly_once():
+    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "=")[0] == -1.0
+    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "*", "1", "=")[0] == -1.0
+    assert press(make("gym_cards/Points24-v0", ranks=[4, 6, 1, 1], formula=[]), "4", "*", "6", "*", "1", "*", "1", "=")[0] == 10.0
+
+
+def test_points_numbers_join_and_double_star_is_a_power():
+    assert envs.formula_value("".join(["2", "10"])) == 210
+    assert press(make("gym_cards/EZPoints-v0", ranks=[2, 10], formula=[]), "2", "10", "=") == (-1.0, True, False)
+    # 2 then 4 is 24: every card used once, so the env accepts it, as eval would
+    assert press(make("gym_cards/Points24-v0", ranks=[2, 4, 1, 1], formula=[]), "2", "4", "*", "1", "*", "1", "=")[0] == 10.0
+    assert envs.formula_value("2**3") == 8
+    assert press(make("gym_cards/Points24-v0", ranks=[2, 3, 3, 1], formula=[]), "2", "*", "*", "3", "*", "3", "*", "1", "=")[0] == 10.0
+    assert envs.formula_value("8//3") == 2, "'/' twice is a floor division"
+
+
+def test_points_division_compared_exactly_in_floats():
+    assert envs.formula_value("8/(3-8/3)") == eval("8/(3-8/3)") != 24
+    formula = ["8", "/", "(", "3", "-", "8", "/", "3", ")"]
+    assert press(make("gym_cards/Points24-v0", ranks=[8, 3, 8, 3], formula=formula), "=")[0] == -1.0
+    formula = ["6", "/", "(", "1", "-", "3", "/", "4", ")"]  # 6/0.25 is exactly 24.0
+    assert press(make("gym_cards/Points24-v0", ranks=[6, 1, 3, 4], formula=formula), "=")[0] == 10.0
+    assert not envs.points24_solvable([3, 3, 8, 8]) and envs.points24_solvable([1, 3, 4, 6])
+
+
+def test_points_bad_syntax_and_division_by_zero_give_minus_1():
+    assert press(make("gym_cards/Points24-v0", ranks=[2, 1, 1, 3], formula=[]), "2", "+", "=") == (-1.0, True, False)
+    formula = ["2", "/", "(", "1", "-", "1", ")", "*", "3"]
+    assert press(make("gym_cards/Points24-v0", ranks=[2, 1, 1, 3], formula=formula), "=") == (-1.0, True, False)
+    assert press(make("gym_cards/EZPoints-v0", ranks=[2, 10], formula=[]), "=") == (-1.0, True, False)
+
+
+def test_formula_value_matches_eval_and_a_huge_power_is_no_number():
+    assert envs.formula_value("10**10**10") is None and envs.formula_value("1**10**10**10") is None
+    rng = np.random.default_rng(0)
+    tokens = list(envs.Points24Env.actions[:-1]) + [" "]
+    for _ in range(3000):
+        text = "".join(rng.choice(tokens, size=int(rng.integers(1, 8))))
+        if text.count("**") > 1:
+            continue  # eval itself could hang
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # eval warns about calls like (1)(2)
+            try:
+                expected = eval(text)
+            except (SyntaxError, ArithmeticError, TypeError):
+                expected = None
+        expected = None if isinstance(expected, tuple) else expected  # "()" is no number
+        assert envs.formula_value(text) == expected, text
+
+
+# --- Solvers and experts for the Points tasks ------------------------------------------
+
+
+def test_points_solver_writes_env_formulas_that_the_env_accepts():
+    for numbers in [(1, 2, 3, 4), (1, 5, 5, 5), (3, 3, 7, 7), (1, 1, 10, 10), (2, 2, 2, 9)]:
+        for entries in envs.solutions(numbers, 24, "+-*/")[:40]:
+            assert all(e in envs.Points24Env.actions for e in entries) and len(entries) <= 20
+            assert not any(a.isdigit() and b.isdigit() for a, b in zip(entries, entries[1:])), entries
+            env = make("gym_cards/Points24-v0", ranks=list(numbers), formula=[])
+            assert press(env, *entries, "=") == (10.0, True, False), entries
+
+
+def test_points24_solvable_count():
+    deals = list(combinations_with_replacement(range(1, 11), 4))
+    solvable = [d for d in deals if envs.points24_solvable(list(d))]
+    assert not envs.points24_solvable([1, 1, 1, 1]) and envs.points24_solvable([1, 2, 3, 4])
+    # 566 deals make 24 in exact fractions; 3 3 8 8 (only 8/(3-8/3)) fails in floats
+    assert len(deals) == 715 and len(solvable) == 565
+
+
+def test_points_expert_follows_a_solution_prefix():
+    expert = envs.get_task("points24").expert
+    actions = envs.Points24Env.actions
+    info = {"Numbers": [4, 6, 1, 1], "Formula": []}
+    moves = []
+    while (a := expert(info)) is not None and actions[a] != "=":
+        info["Formula"].append(actions[a])
+        moves.append(actions[a])
+    assert envs.formula_value("".join(moves)) == 24 and actions[a] == "="
+    assert expert({"Numbers": [4, 6, 1, 1], "Formula": ["(", "("]}) is None
+    assert expert({"Numbers": [1, 1, 1, 1], "Formula": []}) is None, "no expert move on an unsolvable deal"
+    assert envs.get_task("ezpoints").expert({"Numbers": [6, 6], "Formula": ["6", "+", "6"]}) == 12  # "="
+
+
+def test_expert_success_number_line_and_ez_points_100_percent():
+    for name in ("numberline", "ezpoints"):
+        returns = envs.expert_returns(envs.get_task(name), 3000, seed=0)
+        assert all(envs.is_success(r) for r in returns), name
+
+
+@pytest.mark.parametrize("name", ["numberline", "ezpoints", "points24", "blackjack"])
+def test_expert_through_the_gymnasium_api(name):
+    task = envs.get_task(name)
+    env = gym.make(task.env_id)
+    returns = []
+    for episode in range(30):
+        _, info = env.reset(seed=0) if episode == 0 else env.reset()
+        total, done = 0.0, False
+        while not done and (action := task.expert(info)) is not None:
+            _, reward, terminated, truncated, info = env.step(action)
+            total, done = total + reward, terminated or truncated
+        returns.append(total)
+    assert returns == envs.expert_returns(task, 30, seed=0), "the fast expert loop plays other games"
+
+
+def test_expert_success_points24_is_exactly_the_solvable_share():
+    task, env = envs.get_task("points24"), envs.Points24Env()
+    env.reset(seed=0)
+    successes = solvable = 0
+    for _ in range(2000):
+        env.deal()
+        solvable += envs.points24_solvable(env.numbers)
+        episode_return, done = 0.0, False
+        while not done and (action := task.expert(env.info())) is not None:
+            reward, terminated, truncated = env.play(action)
+            episode_return, done = episode_return + reward, terminated or truncated
+        successes += envs.is_success(episode_return)
+    assert successes == solvable and 0.5 < solvable / 2000 < 0.95
+
+
+# --- Blackjack -------------------------------------------------------------------------
+
+
+def test_blackjack_plays_card_for_card_like_gymnasium():
+    action_rng = np.random.default_rng(0)
+    for seed in range(500):
+        ours, theirs = make("gym_cards/Blackjack-v0", seed), GymnasiumBlackjack()
+        theirs.reset(seed=seed)
+        assert ours.info() == {"Dealer": theirs.dealer, "Player": theirs.player}, seed
+        done = False
+        while not done:
+            action = int(action_rng.integers(2))
+            _, reward, done, truncated, info = ours.step(action)
+            assert (reward, done, truncated) == theirs.step(action)[1:4], seed
+            assert info == {"Dealer": theirs.dealer, "Player": theirs.player}, seed
+
+
+def test_blackjack_deck_and_face_up_card():
+    ranks, values, up_ranks = Counter(), Counter(), Counter()
+    for seed in range(600):
+        env = make("gym_cards/Blackjack-v0", seed)
+        ranks.update(env.player)
+        values.update(env.info()["Player"])
+        up_ranks[env.dealer[0]] += 1
+        assert env.info()["Dealer"][0] == min(env.dealer[0], 10)
+    assert set(ranks) == set(range(1, 14)) and 2 * values[7] < values[10] < 6 * values[7], "J/Q/K/10 count 10"
+    assert 10 not in up_ranks and {11, 12, 13} <= set(up_ranks), "like gymnasium, a ten-valued up card shows J/Q/K"
+
+
+@pytest.mark.parametrize("dealer,drawn", [([10, 6], True), ([1, 5], True), ([10, 7], False), ([1, 6], False)])
+def test_blackjack_dealer_draws_to_17_counting_a_usable_ace_as_11(dealer, drawn):
+    for seed in range(20):
+        env = make("gym_cards/Blackjack-v0", seed, dealer=list(dealer), player=[10, 9])
+        env.step(0)
+        assert (len(env.dealer) > 2) == drawn
+        final = env.total(env.dealer)
+        assert final >= 17 and all(env.total(env.dealer[:k]) < 17 for k in range(2, len(env.dealer)))
+
+
+@pytest.mark.parametrize("player,dealer,reward", [([10, 9], [10, 8], 1.0), ([10, 7], [10, 8], -1.0),
+                                                  ([10, 8], [10, 8], 0.0), ([1, 10], [10, 1], 0.0),
+                                                  ([10, 2], [10, 6, 10], 1.0), ([1, 9], [10, 9], 1.0)])
+def test_blackjack_stand_rewards(player, dealer, reward):
+    env = make("gym_cards/Blackjack-v0", player=player, dealer=dealer)
+    assert env.step(0)[1:4] == (reward, True, False)
+
+
+def test_blackjack_hit_rewards_and_usable_ace():
+    env = make("gym_cards/Blackjack-v0", player=[10, 10], dealer=[10, 7])
+    env.draw_rank = lambda: 5
+    assert env.step(1)[1:4] == (-1.0, True, False), "bust on hit: -1, terminated"
+    env = make("gym_cards/Blackjack-v0", player=[1, 5], dealer=[10, 7])
+    env.draw_rank = lambda: 10
+    assert env.step(1)[1:4] == (0.0, False, False) and env.total(env.player) == 16, "the ace drops to 1"
+    assert envs.hand_total([1, 1, 9]) == (21, 1) and envs.hand_total([1, 5, 10]) == (16, 0)
+
+
+def test_blackjack_dp_policy_and_optimum():
+    policy, expected, win = envs.blackjack_optimum()
+    assert 0.42 < win < 0.44 and -0.06 < expected < -0.03
+    assert policy[(20, 0, 10)] == 0 and policy[(11, 0, 10)] == 1 and policy[(16, 0, 10)] == 1
+    assert policy[(12, 0, 4)] == 0 and policy[(13, 0, 2)] == 0 and policy[(12, 0, 2)] == 1
+    assert policy[(18, 1, 9)] == 1 and policy[(18, 1, 7)] == 0 and policy[(17, 1, 6)] == 1
+    assert len(policy) == 10 * (18 + 10)  # hard 4..21 and soft 12..21 against ten up cards
+
+
+def test_blackjack_expert_wins_as_the_optimum_says():
+    returns = envs.expert_returns(envs.get_task("blackjack"), 20_000, seed=0)
+    win_rate = np.mean([envs.is_success(r) for r in returns])
+    assert abs(win_rate - envs.blackjack_optimum()[2]) < 0.01, win_rate
+
+
+# --- The task table --------------------------------------------------------------------
+
+
+def test_get_task_by_id_or_short_name():
+    assert list(envs.TASKS) == IDS
+    for env_id in IDS:
+        short = env_id.split("/")[1].split("-")[0]
+        assert envs.get_task(env_id) is envs.get_task(short.lower()) is envs.get_task(short.upper()) is envs.TASKS[env_id]
+    with pytest.raises(ValueError, match="numberline"):
+        envs.get_task("pong")
+    assert envs.get_task("blackjack").actions == ("stand", "hit")
+    assert envs.is_success(0.5) and not envs.is_success(0.0) and not envs.is_success(-1.0)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_prompts_and_answers(env_id):
+    task, env = envs.TASKS[env_id], gym.make(env_id)
+    for seed in range(20):
+        _, info = env.reset(seed=seed)
+        for cot in (True, False):
+            prompt = task.prompt(info, cot)
+            assert task.name in prompt and all(json.dumps(a) in prompt for a in task.actions)
+            assert ('"thoughts"' in prompt) == cot and prompt.rstrip("}").endswith('"action": "<legal action>"')
+        if "Formula" in info:
+            assert f'Formula: "{" ".join(info["Formula"])}"' in task.prompt(info, True)
+        answers = [json.loads(task.answer(info, a, True)) for a in range(len(task.actions))]
+        for action, answer in enumerate(answers):
+            keys = list(answer)
+            assert keys[-2:] == ["thoughts", "action"] and answer["action"] == task.actions[action]
+            assert {k: v for k, v in answer.items() if k != "action"} == {k: v for k, v in answers[0].items() if k != "action"}
+        assert json.loads(task.answer(info, 0, False)) == {"action": task.actions[0]}
+        labels = task.labels(info)
+        assert len(labels) == len(task.label_classes) and all(0 <= l < n for l, n in zip(labels, task.label_classes))
+        if task.expert(info) is not None:
+            assert 0 <= task.expert(info) < len(task.actions)
+
+
+def test_answers_read_the_state_truly():
+    nl, ez, bj = envs.get_task("numberline"), envs.get_task("ezpoints"), envs.get_task("blackjack")
+    assert json.loads(nl.answer({"Target": 4, "Current": 2}, 1, True)) == {
+        "current": 2, "target": 4, "thoughts": "target is above current", "action": "+"}
+    info = {"Cards": ["2S", "KH"], "Numbers": [2, 10], "Formula": ["2", "+"]}
+    assert json.loads(ez.answer(info, 9, True)) == {"cards": [2, 10], "formula": "2 +", "thoughts": "plan: 2 + 10, to write: 10",
+                                                    "action": "10"}
+    assert ez.labels(info) == [1, 9]
+    info = {"Dealer": [1, 10], "Player": [1, 6]}
+    assert json.loads(bj.answer(info, 0, True)) == {"dealer": 1, "player": 17, "thoughts": "soft 17 against 1", "action": "stand"}
+    assert bj.labels(info) == [0, 17, 1]
+
+
+def test_points_thoughts_state_the_plan_and_what_is_left_of_it():
+    ez, p24 = envs.get_task("ezpoints"), envs.get_task("points24")
+    cards = lambda numbers, *formula: {"Numbers": numbers, "Formula": list(formula)}
+    # the first solution, shortest then in entry order, that continues the formula: 2 * 6 before 6 * 2
+    assert ez.thought(cards([6, 2])) == "plan: 2 * 6, to write: 2 * 6"
+    assert ez.thought(cards([6, 2], "6")) == "plan: 6 * 2, to write: * 2"
+    assert ez.thought(cards([6, 2], "2", "*", "6")) == "plan: 2 * 6, to write: ="
+    assert ez.thought(cards([6, 2], "2", "+")) == "plan: none, to write: ="   # a dead end
+    assert ez.thought(cards([6, 2], " ")) == "plan: none, to write: ="       # an illegal number left a blank
+    # the expert writes the plan's next entry, "=" once it is written, nothing in a dead end
+    assert [ez.expert(cards([6, 2], *f)) for f in ([], ["6"], ["2", "*", "6"], ["2", "+"])] == [1, 11, 12, None]
+    assert p24.thought(cards([1, 2, 3, 4])) == "plan: 1 * 2 * 3 * 4, to write: 1 * 2 * 3 * 4"
+    assert p24.thought(cards([1, 1, 1, 1])) == "plan: none, to write: ="      # no solution at all
+
+
+def test_warm_start_actions_follow_the_expert_at_the_share_given():
+    rng, n, task = np.random.default_rng(0), 20_000, envs.get_task("ezpoints")  # 13 actions
+    draws = [task.follow_or_random(3, 0.75, rng) for _ in range(n)]
+    # the expert's action with probability 0.75, else uniform over 13 (which includes it): 0.75 + 0.25 / 13
+    assert abs(draws.count(3) / n - (0.75 + 0.25 / 13)) < 0.01
+    assert abs(draws.count(5) / n - 0.25 / 13) < 0.005
+    assert all(task.follow_or_random(3, 1.0, rng) == 3 for _ in range(100))
+    assert len({task.follow_or_random(None, 1.0, rng) for _ in range(200)}) == 13  # no expert: random
+
+
+def test_blackjack_expert_and_labels_use_only_the_face_up_card():
+    bj = envs.get_task("blackjack")
+    for hidden in range(1, 11):
+        info = {"Dealer": [6, hidden], "Player": [10, 2]}
+        assert bj.expert(info) == bj.expert({"Dealer": [6, 1], "Player": [10, 2]}) == 0
+        assert bj.labels(info) == [5, 12, 0] and bj.answer(info, 1, True) == bj.answer({"Dealer": [6], "Player": [10, 2]}, 1, True)
+
+
+# ======================================================================================
+# parse.py: the cases table (« » mark the expected span of the value; the markers are removed)
+# and random strings
+# ======================================================================================
+
+
+NL = ["-", "+"]
+
+
+BJ = ["stand", "hit"]
+
+
+EZ = [str(i) for i in range(1, 11)] + ["+", "*", "="]
+
+
+P24 = [str(i) for i in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
+
+
+CASES = [
+    # NumberLine
+    ('{"current position": 3, "target position": 5, "thoughts": "move right", "action": "«+»"}', NL, "+"),
+    ('{"action": "«-»"}', NL, "-"),
+    ("{'action': '«+»'}", NL, "+"),  # single quotes
+    ('{"action": «-»}', NL, "-"),  # unquoted
+    ('"action":"«+»"', NL, "+"),  # no spaces
+    ('{"action" :   " «+» "  }', NL, "+"),  # extra spaces, inside the quotes too
+    ('We should go right. "ACTION": "«+»"', NL, "+"),  # upper-case key
+    ('{"thoughts": "closer", "action": "«+»"}\nThis moves the position to 4.', NL, "+"),  # text after the JSON
+    ('{"action": "«+ or -»"}', NL, None),  # names two actions
+    ('{"action": "«»"}', NL, None),  # empty value
+    ('{"thoughts": "go left", "actions": "-"}', NL, None),  # "actions" is not "action"
+    ('{"thoughts": "go right", "action": "«+»', NL, "+"),  # cut off
+    ('{"action":\n  "«-»"}', NL, "-"),  # value on the next line
+    # Blackjack
+    ('```json\n{"dealer": 10, "player": 15, "thoughts": "risky", "action": "«stand»"}\n```', BJ, "stand"),
+    ('{"action": "«Hit»"}', BJ, "hit"),  # case-insensitive
+    ('{"action": "«hit or stand»"}', BJ, None),
+    ('{"action": "hit", "action": "«stand»"}', BJ, "stand"),  # two keys: the last wins
+    ('{"thoughts": "action: hit would bust", "action": "«stand»"}', BJ, "stand"),
+    ("Action: «hit»", BJ, "hit"),  # prose, unquoted
+    ('{"action": "«hitting»"}', BJ, None),
+    ('{"thoughts": "17 is low", "action": "«hit»\n', BJ, "hit"),  # cut off at a newline
+    ('{"next_action": "hit"}', BJ, None),
+    ("{'thoughts': 'stay', 'action': '«stand»'}\nDone.", BJ, "stand"),
+    ('{"action": "stand" } {"action": «hit»}', BJ, "hit"),  # two JSON objects
+    # EZPoints
+    ('{"cards": [2, 5], "formula": "2+", "thoughts": "need 10", "action": "«10»"}', EZ, "10"),  # never "1"
+    ('{"action": «10»}', EZ, "10"),
+    ('{"action": "«1»"}', EZ, "1"),
+    ('{"action": "«10»', EZ, "10"),  # cut off
+    ('{"action": "«=»"}\n```', EZ, "="),
+    ('{"action": "«*»", "thoughts": "times"}', EZ, "*"),  # action not the last field
+    ('{"action": "«2 + 3»"}', EZ, None),
+    ('{"action": "«11»"}', EZ, None),
+    ('{"action": "«-»"}', EZ, None),  # legal in Points24, not in EZPoints
+    ("", EZ, None),  # empty answer
+    # Points24
+    ('{"action": "«/»"}', P24, "/"),
+    ('{"action": "«(»"}', P24, "("),
+    ('{"action": "«)»"}', P24, ")"),
+    ('```\n{"formula": "(", "action": "«10»"}\n```\nI chose 10.', P24, "10"),
+    ("The action is 10.", P24, None),  # no "action" key
+    ("{'action': «7»}", P24, "7"),
+    ('{"cards": ["J", 3, 7, 1], "action": "«10»"} "action" here means the next card', P24, "10"),
+]
+
+
+@pytest.mark.parametrize("marked, actions, expected", CASES)
+def test_parse_cases(marked, actions, expected):
+    text = marked.replace("«", "").replace("»", "")
+    index, span = parse.parse_action(text, actions)
+    if "«" in marked:
+        start = marked.index("«")
+        assert span == (start, marked.index("»") - 1), f"{text!r}: span {span}, value {text[span[0]:span[1]]!r}"
+    else:
+        assert span is None
+    assert index == (None if expected is None else actions.index(expected))
+
+
+def test_parse_random_strings():
+    rng = np.random.default_rng(0)
+    pieces = ['{', '}', '"action"', "'action'", "action", "ACTION", ':', ' : ', '"+"', "'hit'", '"10"', '10', '1',
+              '"', "'", ',', ' ', '\n', '```json', '```', 'stand', '"-', '(', ')', '/', '=', '"thoughts": "x"']
+    keys, seps = ['"action"', "'action'", "action", "Action", '"ACTION"'], [":", ": ", " : ", ":\n"]
+    values = ['"+"', "'hit'", '"10"', "10", "1", '"stand', "=", '" / "', '"(', "Stand", '"hit or stand"', '"11"', '""']
+    printable = [chr(c) for c in range(32, 127)] + ["\n", "\t", "é", "«"]
+    legal = 0
+    for i in range(10_000):
+        if i % 3 == 0:  # random characters
+            text = "".join(rng.choice(printable, size=rng.integers(0, 40)))
+        elif i % 3 == 1:  # random JSON-ish fragments
+            text = "".join(rng.choice(pieces, size=rng.integers(1, 12)))
+        else:  # fragments around a key and a value, so that some strings hold a legal action
+            key, sep, value = rng.choice(keys), rng.choice(seps), rng.choice(values)
+            around = lambda: "".join(rng.choice(pieces, size=rng.integers(0, 4)))
+            text = around() + key + sep + value + around()
+        actions = (P24, BJ, NL, EZ)[i % 4]
+        index, span = parse.parse_action(text, actions)
+        assert index is None or span is not None
+        if span is not None:
+            start, end = span
+            assert 0 <= start <= end <= len(text)
+        if index is not None:
+            legal += 1
+            assert actions[index].lower() == text[start:end].strip(" \"'").lower() == text[start:end].lower()
+    assert legal > 500, f"the random strings rarely held a legal action ({legal}); the test would prove little"
+
+
+# ======================================================================================
+# ppo.py: GAE and the PPO loss exactly, LoRA against the base model, the value head
+# ======================================================================================
+
+
+def test_gae_by_hand():
+    # 1 env, 4 steps: step 1 is truncated (bootstraps from its final observation, V = 4.0),
+    # step 2 is terminated (its next value 3.0 must be ignored), step 3 is the rollout's last step.
+    # gamma = gae_lambda = 0.5, so gamma * gae_lambda = 0.25; every number is exact in binary.
+    #   t=3: delta = 1 + 0.5*2.0 - 1.5 = 0.5               adv = 0.5
+    #   t=2: delta = 2 + 0         - 0.5 = 1.5 (terminal)    adv = 1.5  (no recursion past the end)
+    #   t=1: delta = 0 + 0.5*4.0 - 1.0 = 1.0 (truncated)   adv = 1.0  (no recursion past the end)
+    #   t=0: delta = 1 + 0.5*1.0 - 0.5 = 1.0               adv = 1.0 + 0.25*1.0 = 1.25
+    #   returns = adv + values = [1.75, 2.0, 2.0, 2.0]
+    col = lambda *x: torch.tensor(x, dtype=torch.float64)[:, None]  # (4, 1)
+    rewards, values, next_values = col(1, 0, 2, 1), col(0.5, 1.0, 0.5, 1.5), col(1.0, 4.0, 3.0, 2.0)
+    terminated, truncated = col(0, 0, 1, 0).bool(), col(0, 1, 0, 0).bool()
+    advantages, returns = ppo.compute_gae(rewards, values, next_values, terminated, truncated, 0.5, 0.5)
+    assert torch.equal(advantages, col(1.25, 1.0, 1.5, 0.5))
+    assert torch.equal(returns, col(1.75, 2.0, 2.0, 2.0))
+    # float flags give the same answer as bool flags
+    advantages_f, _ = ppo.compute_gae(rewards, values, next_values, terminated.double(), truncated.double(), 0.5, 0.5)
+    assert torch.equal(advantages_f, advantages)
+
+
+def test_gae_matches_plain_loop():
+    rng = np.random.default_rng(0)
+    T, N, gamma, lam = 16, 4, 0.9, 0.95
+    r, v, nv = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=(T, N))
+    term, trunc = rng.random((T, N)) < 0.2, rng.random((T, N)) < 0.2
+    expected = np.zeros((T, N))
+    for n in range(N):  # one env at a time, plain floats
+        next_adv = 0.0
+        for t in range(T - 1, -1, -1):
+            bootstrap = 0.0 if term[t, n] else gamma * nv[t, n]
+            delta = r[t, n] + bootstrap - v[t, n]
+            if term[t, n] or trunc[t, n]:
+                next_adv = 0.0
+            expected[t, n] = next_adv = delta + gamma * lam * next_adv
+    adv, ret = ppo.compute_gae(*map(torch.tensor, (r, v, nv, term, trunc)), gamma, lam)
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-12)
+    assert torch.allclose(ret, torch.tensor(expected + v), atol=1e-12)
+
+
+def test_ppo_loss_at_ratio_one():
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(64, generator=g)
+    adv, values, returns = torch.randn(64, generator=g), torch.randn(64, generator=g), torch.randn(64, generator=g)
+    loss, stats = ppo.ppo_loss(old.clone(), old, adv, values, values, returns, vf_coef=0.0)
+    assert torch.equal(loss, -adv.mean())
+    assert stats["policy_loss"] == -adv.mean().item()
+    assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
+    assert stats["value_loss"] == pytest.approx(0.5 * ((values - returns) ** 2).mean().item())
+
+
+def test_ppo_policy_clipping():
+    clip = 0.1
+    ratio = torch.tensor([0.8, 0.95, 1.05, 1.2, 0.8, 0.95, 1.05, 1.2])
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    old = torch.zeros(8)
+    new = ratio.log().requires_grad_()
+    zeros = torch.zeros(8)
+    loss, stats = ppo.ppo_loss(new, old, adv, zeros, zeros, zeros, clip_coef=clip, vf_coef=0.0)
+    loss.backward()
+    # clipped (no gradient) only where the ratio left [0.9, 1.1] in the direction the advantage rewards
+    clipped = ((adv > 0) & (ratio > 1 + clip)) | ((adv < 0) & (ratio < 1 - clip))
+    assert clipped.tolist() == [False, False, False, True, True, False, False, False]
+    assert torch.equal(new.grad == 0, clipped)
+    expected = torch.where(clipped, -adv * ratio.clamp(1 - clip, 1 + clip), -adv * ratio).mean()
+    assert torch.allclose(loss, expected)
+    assert stats["clipfrac"] == 0.5  # |ratio - 1| > 0.1 for 0.8 and 1.2, whatever the sign
+    assert stats["approx_kl"] > 0
+
+
+def test_ppo_value_clipping():
+    clip = 0.1
+    old_values = torch.zeros(5)
+    values = torch.tensor([0.5, 0.5, 0.05, -0.5, -0.5])
+    returns = torch.tensor([1.0, 0.0, 1.0, -1.0, 0.3])
+    # clipped values: [0.1, 0.1, 0.05, -0.1, -0.1]; the larger squared error is kept:
+    #   max(0.25, 0.81) = 0.81 (clipped), max(0.25, 0.01) = 0.25, 0.9025 both, max(0.25, 0.81) = 0.81 (clipped),
+    #   max(0.64, 0.16) = 0.64
+    per_sample = torch.tensor([0.81, 0.25, 0.9025, 0.81, 0.64])
+    zeros = torch.zeros(5)
+    new = values.clone().requires_grad_()
+    loss, stats = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, vf_coef=1.0)
+    loss.backward()
+    assert torch.allclose(loss, 0.5 * per_sample.mean())
+    assert (new.grad == 0).tolist() == [True, False, False, True, False]
+    new.grad = None
+    loss, _ = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, clip_vloss=False)
+    loss.backward()
+    assert torch.allclose(loss, 0.5 * 0.5 * ((values - returns) ** 2).mean())
+    assert (new.grad != 0).all()
+
+
+def test_explained_variance_by_hand():
+    zeros, ones = torch.zeros(4), torch.ones(4)
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert ppo.explained_variance(returns, returns) == 1.0
+    assert ppo.explained_variance(torch.full((4,), 2.5), returns) == 0.0
+    assert math.isnan(ppo.explained_variance(zeros, ones))
+
+
+def test_lora_bare_linear():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    lora = ppo.LoRALinear(base, rank=4, alpha=8, dropout=0.0)
+    assert lora.scaling == 2.0 and lora.lora_A.weight.shape == (4, 8) and lora.lora_B.weight.shape == (6, 4)
+    assert torch.equal(lora(x), base(x))  # B = 0: exactly the base layer
+    model = torch.nn.Sequential(base)
+    assert ppo.add_lora(model, 4, 8, 0.0, ["0"]) == ["0"]
+    randomise_lora(model)
+    m = model[0]
+    with torch.no_grad():
+        expected = base(x) + 2.0 * x @ m.lora_A.weight.T @ m.lora_B.weight.T
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        assert not torch.allclose(model(x), base(x))
+        unmerged = model(x)
+        ppo.merge_lora(model)
+        assert type(model[0]) is torch.nn.Linear
+        assert torch.allclose(model(x), unmerged, atol=1e-6)
+
+
+def test_lora_on_tiny_llama(tmp_path):
+    model = tiny_llama()
+    base_keys = set(model.state_dict())
+    base_logits = logits(model)
+    names = ppo.add_lora(model, rank=4, alpha=8, dropout=0.05, targets=TARGETS)
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    # the model's own keys are unchanged; the only new keys are the adapters'
+    keys = set(model.state_dict())
+    assert {k for k in keys if ".lora_" not in k} == base_keys
+    assert len(keys - base_keys) == 2 * len(names)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(names) and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {id(p) for p in ppo.lora_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert torch.equal(logits(model), base_logits)  # B = 0: exactly the base model
+
+    randomise_lora(model)
+    lora_logits = logits(model)
+    assert not torch.allclose(lora_logits, base_logits)
+
+    # save, then load into a freshly built model with the same base weights
+    ppo.save_adapter(model, tmp_path, base_model_name_or_path="tiny-llama")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["lora_dropout"] == 0.05 and config["bias"] == "none" and config["task_type"] is None
+    assert sorted(config["target_modules"]) == sorted(TARGETS) and config["base_model_name_or_path"] == "tiny-llama"
+    assert config["fan_in_fan_out"] is False and config["use_dora"] is False and config["use_rslora"] is False
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    assert set(tensors) == {f"base_model.model.{n}.lora_{ab}.weight" for n in names for ab in "AB"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    fresh = tiny_llama()  # load_adapter adds the LoRA layers from the config
+    ppo.load_adapter(fresh, tmp_path)
+    fresh2 = tiny_llama()  # or into layers added by hand
+    ppo.add_lora(fresh2, 4, 8, 0.05, TARGETS)
+    ppo.load_adapter(fresh2, tmp_path)
+    saved = dict(ppo.lora_modules(model))
+    for f in (fresh, fresh2):
+        assert [n for n, _ in ppo.lora_modules(f)] == names
+        for name, m in ppo.lora_modules(f):
+            assert torch.equal(m.lora_A.weight, saved[name].lora_A.weight)
+            assert torch.equal(m.lora_B.weight, saved[name].lora_B.weight)
+        assert torch.equal(logits(f), lora_logits)
+
+    # an adapter that does not fit the model is refused
+    wrong = tiny_llama()
+    ppo.add_lora(wrong, 4, 8, 0.0, ["q_proj"])
+    with pytest.raises(AssertionError, match="does not fit"):
+        ppo.load_adapter(wrong, tmp_path)
+
+    ppo.merge_lora(model)
+    assert not ppo.lora_modules(model) and set(model.state_dict()) == base_keys
+    assert torch.allclose(logits(model), lora_logits, atol=1e-6)
+
+
+def test_lora_partial_targets_saved_exactly(tmp_path):
+    # wrapping q_proj of layer 0 only: the list ["q_proj"] would make PEFT wrap layer 1's too
+    model = tiny_llama()
+    names = ppo.add_lora(model, 2, 4, 0.0, r"layers\.0\..*q_proj$")
+    assert names == ["model.layers.0.self_attn.q_proj"]
+    ppo.save_adapter(model, tmp_path)
+    target = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(target, str)
+    all_names = [n for n, _ in tiny_llama().named_modules()]
+    assert [n for n in all_names if re.fullmatch(target, n)] == names  # PEFT full-matches a str
+
+
+def test_add_lora_errors_when_nothing_matches():
+    with pytest.raises(AssertionError, match="no nn.Linear"):
+        ppo.add_lora(tiny_llama(), 4, 8, 0.0, ["no_such_proj"])
+
+
+def test_value_head_float32():
+    head = ppo.ValueHead(32, width=16)
+    hidden = torch.randn(2, 3, 32).to(torch.bfloat16)
+    value = head(hidden)
+    assert value.dtype == torch.float32 and value.shape == (2, 3)
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert torch.equal(value, head(hidden.float()))
+
+
+# ======================================================================================
+# rl4vlm.py
+# ======================================================================================
+# --- settings, random streams and clear errors ------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-envs", "-1"], "--num-envs must be > 0"),
+    (["--env", "chess"], "chess"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--sft-expert", "1.5"], "--sft-expert must be in [0, 1]"),
+    (["--sft-follow", "-0.1"], "--sft-follow must be in [0, 1]"),
+    (["--target-kl", "-1"], "--target-kl must be >= 0"),
+    (["--ablations", "dropout"], "--ablations must be cot or lambda"),
+    (["--seeds", "1", "1"], "--seeds must differ"),
+    (["--seeds"], "expected at least one argument"),
+    (["--env", "numberline,chess"], "chess"),
+    (["--num-steps", "ten"], "invalid int value"),
+    (["--model", str(HERE)], "no config.json"),
+    (["--resume", str(HERE)], "not a run folder"),
+    (["--seed", "1000"], "--seed must be in 0..999"),
+    (["--seeds", "3", "-1"], "--seed must be in 0..999, got -1"),
+    (["--dtype", "float64"], "--dtype must be float32, bfloat16 or float16"),
+    (["--aux-loss", "on", "--sft-data", "SFT"], "--aux-loss on needs the env's labels"),
+])
+def test_bad_settings_are_rejected_with_one_line(argv, message, tmp_path):
+    argv = [str(write_sft_data(tmp_path, n=1)) if a == "SFT" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.parse_settings(argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_flag_exits_nonzero_with_one_line():
+    out = subprocess.run([sys.executable, str(HERE / "rl4vlm.py"), "--lora-rank", "0"],
+                         capture_output=True, text=True, cwd=HERE)
+    assert out.returncode != 0
+    assert out.stderr.strip() == "rl4vlm.py: error: --lora-rank must be > 0, got 0"
+
+
+@pytest.mark.parametrize("line, message", [
+    (None, "no such file"),
+    ("not json", "line 2 is not JSON"),
+    ('{"image": "0.png", "prompt": "p"}', 'line 2 needs the strings "image", "prompt" and "answer"'),
+    ('{"image": "missing.png", "prompt": "p", "answer": "a"}', "line 2: no image"),
+])
+def test_bad_sft_data_is_rejected_with_one_line(tmp_path, line, message):
+    data = write_sft_data(tmp_path, n=1)
+    if line is None:
+        data = tmp_path / "missing.jsonl"
+    else:
+        data.write_text(data.read_text() + line + "\n")
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.parse_settings(["--sft-data", str(data)])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_model_that_is_not_a_vlm_is_rejected(tmp_path):
+    from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="not an image-text-to-text"):
+        rl4vlm.load_policy(str(tmp_path), "cpu")
+
+
+def test_a_model_without_a_chat_template_is_rejected(llava):
+    (llava / "chat_template.jinja").unlink()
+    with pytest.raises(SystemExit, match="has no chat template"):
+        rl4vlm.load_policy(str(llava), "cpu")
+
+
+def test_env_names_one_task_several_or_the_suite():
+    names = lambda env: [t.name for t in rl4vlm.tasks_of(env)]
+    assert names("gym-cards") == ["NumberLine", "EZPoints", "Points24", "Blackjack"]
+    assert names("blackjack,ezpoints") == ["Blackjack", "EZPoints"] and names("gym_cards/Points24-v0") == ["Points24"]
+
+
+# --- the policy: prompts, generation, log-probs and the lambda split ---------------------
+
+
+def test_policy_suppresses_every_special_token_but_the_stop_tokens(policy):
+    tok = policy.processor.tokenizer
+    assert policy.stop_ids == [tok.eos_token_id] and policy.pad_id == tok.pad_token_id
+    assert set(policy.suppress) == set(tok.all_special_ids) - {tok.eos_token_id}
+    assert tok.convert_tokens_to_ids("<image>") in policy.suppress and tok.pad_token_id in policy.suppress
+
+
+def test_prompt_cache_gives_the_processors_tensors(policy):
+    check_prompt_cache(policy.processor)
+
+
+def test_tensor_cache_forgets_the_least_recently_used_beyond_its_bytes():
+    cache = rl4vlm.TensorCache(max_bytes=2 * 400)  # room for two rows of 100 float32 values
+    row = lambda: {"x": torch.zeros(100)}
+    a, b = cache.get("a", row), cache.get("b", row)
+    assert cache.get("a", row) is a  # "a" is now the most recent
+    cache.get("c", row)
+    assert list(cache.rows) == ["a", "c"] and cache.bytes == 800
+    assert cache.get("b", row) is not b  # "b" was forgotten and is made anew
+
+
+def test_position_ids_count_from_the_first_real_token(policy):
+    """The one private transformers call (rl4vlm.position_ids): left padding does not shift positions."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = rl4vlm.position_ids(policy.model, torch.ones_like(mask), mask, {})
+    assert positions[0, 2:].tolist() == [0, 1, 2] and positions[1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_batch_of_different_lengths_equals_each_alone(policy):
+    task = envs.get_task("numberline")
+    prompts = ["short", "a somewhat longer prompt about the target number", task.prompt({"Target": 1, "Current": 2}, True)]
+    answers = ['{"action": "+"}', '{"current": 2, "target": 1, "thoughts": "x", "action": "-"}', "+"]
+    samples = answer_samples(policy, task, prompts, answers)
+    assert len({x.prompt["input_ids"].shape[1] for x in samples}) == 3, "prompts must differ in length"
+    with torch.no_grad():
+        batch = rl4vlm.logprobs_and_values(policy, *rl4vlm.collate(samples, policy.pad_id)[:3], 1.0)
+        for i, x in enumerate(samples):
+            alone = rl4vlm.logprobs_and_values(policy, *rl4vlm.collate([x], policy.pad_id)[:3], 1.0)
+            n = len(x.gen_ids)
+            assert torch.allclose(batch[0][i, :n], alone[0][0], atol=1e-5)
+            assert (batch[0][i, n:] == 0).all()
+            assert torch.allclose(batch[1][i], alone[1][0], atol=1e-5)
+
+
+def test_forward_logprobs_equal_log_softmax_of_every_logit(policy):
+    """forward() asks the model for the logits of the answer positions only; they must be the
+    full pass's logits at positions P-1 .. P+G-2."""
+    task, model = envs.get_task("numberline"), policy.model
+    samples = answer_samples(policy, task, ["a prompt", "another, longer prompt"], ['{"action": "+"}', '{"action": "-"}'])
+    prompt, gen_ids, gen_mask, _ = rl4vlm.collate(samples, policy.pad_id)
+    with torch.no_grad():
+        logprobs = rl4vlm.forward(model, prompt, gen_ids, gen_mask, 0.7)[0]
+        ids = torch.cat([prompt["input_ids"], gen_ids], 1)
+        mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=prompt["pixel_values"]).logits
+    P = prompt["input_ids"].shape[1]
+    expected = torch.log_softmax(logits[:, P - 1:-1] / 0.7, -1).gather(-1, gen_ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs, expected.where(gen_mask, 0.0), atol=1e-5)
+
+
+def test_lambda_split_by_hand():
+    pieces = ['{"thoughts": "go', ' up", ', '"action": "', '+', '"}']
+    text = "".join(pieces)
+    _, span = parse.parse_action(text, ["-", "+"])
+    assert text[span[0]:span[1]] == "+"
+    first = rl4vlm.action_start(PiecesTokenizer(pieces), list(range(5)), span)
+    assert first == 3  # thought tokens 0..2, action tokens 3..4
+    # a token holding the value's first character counts as action, even with the key in it
+    pieces = ['{"thoughts": "go up", ', '"action": "+', '"}']
+    _, span = parse.parse_action("".join(pieces), ["-", "+"])
+    assert rl4vlm.action_start(PiecesTokenizer(pieces), [0, 1, 2], span) == 1
+    # no "action" key: every token is thought
+    assert rl4vlm.action_start(PiecesTokenizer(["no", " json"]), [0, 1], None) == 2
+
+
+def test_lambda_split_equals_decoding_every_prefix(policy):
+    """On every task's answers (with and without thoughts) and on random token sequences, special
+    tokens and broken UTF-8 bytes included, with the built-in tokenizer and a foreign one."""
+    processor = policy.processor
+    foreign = bpe_tokenizer(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
+    rng = np.random.default_rng(0)
+    for tokenizer in (processor.tokenizer, foreign):
+        for task in envs.TASKS.values():
+            _, info = gym.make(task.env_id).reset(seed=1)
+            for cot in (True, False):
+                answer = task.answer(info, int(rng.integers(len(task.actions))), cot)
+                check_split_equals_the_definition(tokenizer, tokenizer(answer, add_special_tokens=False)["input_ids"])
+        for _ in range(30):
+            check_split_equals_the_definition(tokenizer, rng.integers(len(tokenizer), size=24).tolist())
+    assert "\ufffd" in foreign.decode([foreign.convert_tokens_to_ids("\u00c3")]), "no broken byte was tried"
+
+
+def test_lambda_split_with_the_builtin_tokenizer(policy):
+    processor = policy.processor
+    task = envs.get_task("numberline")
+    info = {"Target": 4, "Current": 1}
+    text = rl4vlm.answer_text(processor, task.prompt(info, True), task.answer(info, 1, True))
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = processor.tokenizer.decode(ids, skip_special_tokens=True)
+    index, span = parse.parse_action(decoded, task.actions)
+    assert index == 1
+    first_action = rl4vlm.action_start(processor.tokenizer, ids, span)
+    # the thought tokens decode to exactly the text before the action value
+    assert processor.tokenizer.decode(ids[:first_action], skip_special_tokens=True) == decoded[:span[0]]
+
+
+def test_act_weighs_thought_tokens_by_lambda(policy, monkeypatch):
+    """log pi(a|s) by hand: the first token is thought, the rest action (parse_action is made to
+    say the value starts after the first token's text), so log pi = 0.25 * lp[0] + sum(lp[1:])."""
+    s, task = settings(max_new_tokens=6, thought_coef=0.25)
+    tok = policy.processor.tokenizer
+    monkeypatch.setattr(rl4vlm, "action_start", lambda tokenizer, ids, span: 1)
+    obs, infos = states(2)
+    torch.manual_seed(0)
+    samples = rl4vlm.act(policy, task, obs, infos, s, np.random.default_rng(0))
+    for x in samples:
+        lp, _ = rl4vlm.logprobs_and_values(policy, *rl4vlm.collate([x], policy.pad_id)[:3], s.temperature)
+        lp = lp[0].tolist()
+        assert x.weights.tolist() == [0.25] + [1.0] * (len(lp) - 1) and x.n_thought == 1
+        assert abs(x.logprob - (0.25 * lp[0] + sum(lp[1:]))) < 1e-5, tok.decode(x.gen_ids)
+
+
+def test_rollout_logprobs_values_and_entropy_equal_a_full_forward(policy):
+    s, task = settings(max_new_tokens=12, temperature=0.7)
+    obs, infos = states(4)
+    torch.manual_seed(0)
+    samples = rl4vlm.act(policy, task, obs, infos, s, np.random.default_rng(0))
+    assert all(0 <= x.action < len(task.actions) for x in samples)
+    with torch.no_grad():
+        for x in samples:
+            prompt, gen_ids, gen_mask, weights = rl4vlm.collate([x], policy.pad_id)
+            logprobs, values = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask, s.temperature)
+            assert abs(float((logprobs * weights).sum()) - x.logprob) < 1e-5
+            assert abs(float(values[0]) - x.value) < 1e-5
+            # the entropy of each step's sampling distribution, -sum p log p over the unsuppressed tokens
+            logits = rl4vlm.forward(policy.model, prompt, gen_ids, gen_mask)[1].logits[0, :-1].double() / s.temperature
+            p = torch.softmax(logits.index_fill(1, torch.tensor(policy.suppress), -math.inf), -1)
+            entropy = -(p * p.log()).nan_to_num().sum(1)
+            assert torch.allclose(x.entropy.double(), entropy, atol=1e-4)
+            assert x.n_thought == int((weights[0] == s.thought_coef).sum())
+
+
+def test_no_action_plays_a_random_action_and_counts_as_thought(policy, monkeypatch):
+    s, task = settings(max_new_tokens=6)
+    monkeypatch.setattr(parse, "parse_action", lambda text, actions: (None, None))
+    obs, infos = states(8)
+    samples = rl4vlm.act(policy, task, obs, infos, s, np.random.default_rng(0))
+    assert not any(x.format_ok for x in samples)
+    assert all(set(x.weights.tolist()) == {s.thought_coef} for x in samples)
+    assert [x.action for x in samples] == np.random.default_rng(0).integers(2, size=8).tolist()
+
+
+# --- the warm start -------------------------------------------------------------------------
+
+
+def test_perception_heads_learn_the_labels_of_a_small_batch(policy):
+    """The warm start's auxiliary loss: on one batch of 8 NumberLine states, its heads come to
+    read each state's labels (current, target) off the image features and the last prompt token."""
+    s, task = settings(sft_batch=8)
+    batch = next(rl4vlm.states_batches(task, s, np.random.default_rng(0)))
+    assert batch[3] == [task.labels(info) for info in rl4vlm.EnvPool(task.env_id, 8, rl4vlm.stream("warm_start", 1)).infos]
+    torch.manual_seed(0)
+    heads = rl4vlm.perception_heads(policy, task, batch, s)
+    opt = torch.optim.Adam([p for head in heads.values() for p in head.parameters()], lr=0.1)
+    for _ in range(150):
+        loss, stats = rl4vlm.sft_loss(policy, heads, task, *batch, s)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.model.zero_grad(set_to_none=True)
+    assert stats["image_acc"] == stats["prompt_acc"] == 1.0, stats
+
+
+def test_warm_start_learns_the_answers_of_an_sft_data_file(llava, tmp_path):
+    """After the warm start on a two-line file, greedy decoding writes each line's answer (the
+    lines' prompts name their deal, so that the tiny random model can tell them apart)."""
+    data = write_sft_data(tmp_path / "data", n=2)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert rows[0]["answer"] != rows[1]["answer"]
+    data.write_text("".join(json.dumps(dict(r, prompt=f"Deal {k}. " + r["prompt"])) + "\n" for k, r in enumerate(rows)))
+    s, task = settings(sft_data=str(data), sft_steps=80, sft_batch=2, sft_lr=1e-2)
+    policy = rl4vlm.load_policy(str(llava), "cpu")
+    torch.manual_seed(0)
+    rl4vlm.warm_start(policy, task, s, False, np.random.default_rng(0), lambda *a: None)
+    for row in rl4vlm.read_sft_data(s.sft_data):
+        image = np.asarray(Image.open(row["image"]).convert("RGB"))
+        prompt = rl4vlm.pad_prompts(rl4vlm.encode_prompts(policy.processor, [image], [row["prompt"]], "cpu"), policy.pad_id)
+        out = policy.model.generate(**prompt, do_sample=False, max_new_tokens=60)
+        text = policy.processor.tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert text.strip() == row["answer"]
+
+
+def test_a_run_warm_started_on_an_sft_data_file(llava, tmp_path):
+    data = write_sft_data(tmp_path / "data")
+    rl4vlm.main(fast_args(llava, tmp_path, "--sft-data", str(data), "--run-name", "sft"))
+    warm, = (tmp_path / "cache").glob("sft-*")
+    info = json.loads((warm / "warm_start.json").read_text())
+    assert info["sft_data"] and info["aux"] is False and info["step"] == 2
+
+
+def test_sft_steps_0_starts_rl_from_the_model_itself(llava, tmp_path):
+    results = rl4vlm.main(fast_args(llava, tmp_path, "--sft-steps", "0", "--run-name", "no-sft"))
+    assert set(results) == {"warm_start", "rl"} and not list((tmp_path / "cache").glob("sft-*"))
+
+
+# --- rollouts and the PPO update ---------------------------------------------------------
+
+
+def test_env_pool_saves_states_not_pictures_and_continues_the_same():
+    import pickle
+    pool = rl4vlm.EnvPool("gym_cards/Points24-v0", 32, range(5, 1000))
+    for i in range(32):
+        pool.step(i, 3)
+    saved = pickle.dumps(pool)
+    assert len(saved) < 64_000, f"{len(saved)} bytes: pictures or spaces were saved"
+    copy = pickle.loads(saved)
+    assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.infos == pool.infos
+    for action in (0, 10, 1, 16):
+        for i in range(32):
+            a, b = pool.step(i, action), copy.step(i, action)
+            assert a[:3] == b[:3] and (a[3] is None) == (b[3] is None)
+    assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.next_seed == pool.next_seed
+
+
+@pytest.mark.parametrize("legal", [True, False])
+def test_format_penalty_is_subtracted_only_when_the_text_names_no_action(policy, monkeypatch, legal):
+    """The same rollout (same seeds, same actions) with penalty 0 and 0.3: the rewards differ by
+    exactly 0.3 at every step when no answer names an action, and not at all when every one does."""
+    monkeypatch.setattr(parse, "parse_action", lambda text, actions: (0, (0, 0)) if legal else (None, None))
+    task = envs.get_task("numberline")
+
+    def rewards(penalty):
+        s, _ = settings(max_new_tokens=4, num_envs=3, num_steps=2, format_penalty=penalty)
+        torch.manual_seed(0)
+        return rl4vlm.rollout(policy, task, rl4vlm.EnvPool(task.env_id, 3, range(10**4)), s, np.random.default_rng(0)).rewards
+    assert torch.allclose(rewards(0.0) - rewards(0.3), torch.full((2, 3), 0.0 if legal else 0.3), atol=1e-6)
+
+
+def test_nan_loss_is_an_error(policy):
+    s, task = settings()
+    samples = answer_samples(policy, task, ["a", "b"], ['{"action": "+"}', '{"action": "-"}'])
+    for x in samples:
+        x.logprob = math.nan
+    opt = torch.optim.AdamW(trainable(policy), lr=0.0)
+    with pytest.raises(FloatingPointError, match="PPO loss is nan"):
+        rl4vlm.ppo_update(policy, opt, samples, torch.ones(1, 2), torch.ones(1, 2), s, np.random.default_rng(0))
+
+
+def test_kl_guard_stops_before_a_step_on_a_minibatch_past_target_kl(policy):
+    """Old log-probs set to the current ones + 0.5: the first minibatch's approx_kl is then
+    (exp(-0.5) - 1) + 0.5 = 0.10653 by hand, before any step."""
+    task = envs.get_task("numberline")
+    samples = answer_samples(policy, task, ["a", "b", "c", "d"], ['{"action": "+"}', '{"action": "-"}'] * 2)
+    prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, policy.pad_id)
+    with torch.no_grad():
+        logprobs, values = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask, 0.2)
+    for x, lp, v in zip(samples, (logprobs * weights).sum(1).tolist(), values.tolist()):
+        x.logprob, x.value = lp + 0.5, v
+    params = trainable(policy)
+    before = [p.detach().clone() for p in params]
+
+    def update(target_kl):
+        s, _ = settings(target_kl=target_kl, minibatch_size=2, micro_batch=1, update_epochs=2, temperature=0.2)
+        opt = torch.optim.SGD(params, lr=1e-3)
+        return rl4vlm.ppo_update(policy, opt, samples, torch.ones(1, 4), torch.ones(1, 4), s, np.random.default_rng(0))
+    stats = update(target_kl=0.1)
+    assert stats["optimizer_steps"] == 0 and abs(stats["approx_kl"] - (math.exp(-0.5) - 0.5)) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(before, params)), "no step may be taken past target_kl"
+    stats = update(target_kl=0.2)  # under the guard: every minibatch of both epochs steps
+    assert stats["optimizer_steps"] == 4 and not all(torch.equal(a, b) for a, b in zip(before, params))
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+
+
+def test_diagnostics_on_a_hand_made_batch():
+    x = lambda entropy, n_thought, thought, action: rl4vlm.Sample(
+        prompt={}, gen_ids=torch.zeros(len(entropy)), weights=torch.ones(len(entropy)), logprob=0.0, value=0.0,
+        entropy=torch.tensor(entropy), text=thought, n_thought=n_thought, thought=thought, action=action, format_ok=True)
+    samples = [x([1.0, 2.0, 0.5], 2, '{"thoughts": "up", ', 1),   # thought tokens 1, 2; action token 0.5
+               x([3.0, 0.1, 0.2], 1, '{"thoughts": "up", ', 1),   # thought 3; action 0.1, 0.2
+               x([0.0, 0.6], 2, "no action at all", 0),           # no action value: all thought
+               x([0.3], 0, "", 1)]                                # action only
+    d = rl4vlm.diagnostics(samples, ("-", "+"))
+    assert abs(d["thought_entropy"] - (1 + 2 + 3 + 0 + 0.6) / 5) < 1e-6
+    assert abs(d["action_entropy"] - (0.5 + 0.1 + 0.2 + 0.3) / 4) < 1e-6
+    assert d["distinct_thoughts"] == 3 / 4 and d["action_share"] == {"-": 0.25, "+": 0.75}
+
+
+# --- runs: checkpoints, exact resume, seeds and tables -----------------------------------
+
+
+def test_wilson_interval():
+    low, high = rl4vlm.wilson(5, 10)
+    assert abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4  # textbook value
+    assert rl4vlm.wilson(0, 10)[0] == 0.0 and abs(rl4vlm.wilson(10, 10)[1] - 1.0) < 1e-12
+
+
+def test_end_to_end_run_writes_metrics_checkpoint_and_resumes_exactly(cache, tmp_path, monkeypatch):
+    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
+    saved, save = [], rl4vlm.save_checkpoint
+    monkeypatch.setattr(rl4vlm, "save_checkpoint", lambda run_dir, update, *a: (saved.append(update), save(run_dir, update, *a)))
+    results = rl4vlm.main(common + ["--run-name", "full"])
+    full = tmp_path / "full"
+    rows = read_metrics(full)
+    assert [r["update"] for r in rows] == [1, 2, 3]
+    assert saved == [2, 3], "--checkpoint-every 2: after update 2 and after the last"
+    # the cosine schedule: after update k of N, lr_min + (lr - lr_min) (1 + cos(pi k / N)) / 2
+    lr, lr_min = 1e-3, 1e-9
+    expected = [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * k / 3)) / 2 for k in (1, 2, 3)]
+    assert all(abs(r["lr"] - e) < 1e-12 for r, e in zip(rows, expected)), [r["lr"] for r in rows]
+    for key in ("env_steps", "success", "mean_return", "format_fail", "approx_kl", "clipfrac",
+                "explained_variance", "steps_per_second"):
+        assert key in rows[0]
+    assert (full / "latest").read_text() == "checkpoint-00003"
+    assert (full / "checkpoint-00003" / "adapter_config.json").exists() and not (full / "checkpoint-00002").exists()
+    assert (full / "curve.png").exists() and (full / "results.md").exists()
+    assert set(results) == {"warm_start", "rl"} and results["rl"]["episodes"] == 4
+
+    # the same run, stopped during update 3, then resumed: the same numbers
+    real_update, calls = rl4vlm.ppo_update, []
+
+    def stop_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+    monkeypatch.setattr(rl4vlm, "ppo_update", stop_at_third)
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.main(common + ["--run-name", "stopped"])
+    assert e.value.code == 130
+    stopped = tmp_path / "stopped"
+    assert (stopped / "latest").read_text() == "checkpoint-00002" and len(read_metrics(stopped)) == 2
+    monkeypatch.setattr(rl4vlm, "ppo_update", real_update)
+    resumed = rl4vlm.main(["--resume", str(stopped)])
+    assert strip_timing(read_metrics(stopped)) == strip_timing(rows)
+    assert resumed == results or {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in resumed.items()} == \
+        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
+
+
+def test_a_seed_of_several_gives_what_it_gives_alone(cache, tmp_path):
+    """--seeds runs each seed as --seed would: the tables may gather runs made one seed at a time."""
+    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--total-steps", "16", "--env", "numberline"]
+    both = rl4vlm.main(common + ["--run-name", "both", "--seeds", "2", "1"])
+    alone = rl4vlm.main(common + ["--run-name", "alone", "--seed", "1"])
+    assert strip_timing(read_metrics(tmp_path / "both" / "seed1" / "NumberLine")) == strip_timing(read_metrics(tmp_path / "alone"))
+    assert {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in both["NumberLine", 1].items()} == \
+        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in alone.items()}
+    assert (tmp_path / "both" / "results.md").read_text().count("| NumberLine |") == 3  # 2 stages + diagnostics
+
+
+def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "settings.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--resume"):
+        rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "old"])
+
+
+def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
+    tasks = list(envs.TASKS.values())
+    r = lambda p, t: dict(success=p, ci_low=p - 0.05, ci_high=p + 0.05, episodes=500, expert_match=p / 2,
+                          **({"solvable": 0.73} if t.solvable else {}))
+    results = {}
+    for seed, (ws, rl) in {1: (0.2, 0.6), 3: (0.1, 0.9)}.items():
+        for t in tasks:
+            results[t.name, seed] = {"warm_start": r(ws, t), "rl": r(rl, t)}
+            folder = tmp_path / f"seed{seed}" / t.name
+            folder.mkdir(parents=True)
+            (folder / "metrics.jsonl").write_text("".join(json.dumps({"approx_kl": kl}) + "\n" for kl in (0.01, 0.02, seed / 10)))
+    md, csv = rl4vlm.suite_tables(tasks, [1, 3], results, tmp_path)
+    lines = md.splitlines()
+    assert lines[2] == "| task | policy | seed 1 | seed 3 | mean | min-max | paper (7B) |"
+    assert lines[4] == "| NumberLine | warm start only | 20.0 | 10.0 | 15.0 | 10.0-20.0 | 24.8 |"
+    assert lines[5] == "| NumberLine | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 89.4 |"
+    assert lines[11] == "| Blackjack | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 40.2 |"
+    # expert match means over seeds; approx_kl median and max over every update of both seeds
+    assert "| EZPoints | 7.5 | 37.5 | 0.0200 | 0.3000 |" in lines
+    assert "Points24: 73.0% of the evaluated deals can be won at all." in md
+    rows = csv.splitlines()
+    assert rows[0] == "task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"
+    assert rows[1] == "NumberLine,1,warm_start,0.2000,0.1500,0.2500,500,0.1000,,24.8" and len(rows) == 1 + 2 * 2 * len(tasks)
+
+
+# --- other model families: LLaVA, Idefics3, Gemma3 through --model FOLDER, Qwen2-VL's model ---
 
 
 def test_a_run_with_the_model_folder(folder, tmp_path):
@@ -1486,39 +1684,18 @@ def test_a_run_with_the_model_folder(folder, tmp_path):
     assert changed and all(re.search(text, k) and k.endswith("proj.weight") for k in changed), sorted(changed)[:3]
 
 
-def load(folder, **settings):
-    """The model as run() sees it: loaded from the folder, LoRA on the default targets (B made
-    random so that the adapters take part), a value head."""
-    s = rl4vlm.with_task_defaults(rl4vlm.Settings(**settings), envs.get_task("numberline"))
-    model, processor = rl4vlm.load_policy(str(folder), "cpu", s.dtype)
-    torch.manual_seed(0)
-    ppo.add_lora(model, 4, 8.0, 0.0, rl4vlm.lora_targets(model, s))
-    for _, m in ppo.lora_modules(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-    model.eval()
-    return s, model, processor, ppo.ValueHead(model.config.get_text_config().hidden_size)
-
-
-def states(n, seed=0):
-    env = gym.make(envs.get_task("numberline").env_id)
-    obs, infos = zip(*[env.reset(seed=seed + k) for k in range(n)])
-    return list(obs), list(infos)
-
-
 def test_thought_action_split_with_the_models_tokenizer(folder):
-    s, model, processor, _ = load(folder)
-    task, tokenizer = envs.get_task("numberline"), processor.tokenizer
-    stops = tokenizer.convert_ids_to_tokens([int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)])
+    s, policy = load(folder)
+    task, tokenizer = envs.get_task("numberline"), policy.processor.tokenizer
+    stops = tokenizer.convert_ids_to_tokens(policy.stop_ids)
     info = {"Target": 4, "Current": 1}
-    text = rl4vlm.answer_text(processor, task.prompt(info, True), task.answer(info, 1, True), stops)
+    text = rl4vlm.answer_text(policy.processor, task.prompt(info, True), task.answer(info, 1, True), stops)
     assert any(text.endswith(stop) for stop in stops), f"the answer must end in a stop token: {text!r}"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     decoded = tokenizer.decode(ids, skip_special_tokens=True)
     index, span = parse.parse_action(decoded, task.actions)
     assert index == 1
-    weights = rl4vlm.token_weights(tokenizer, ids, span, 0.5)
-    first_action = weights.index(1.0)
-    assert weights[:first_action] == [0.5] * first_action and set(weights[first_action:]) == {1.0}
+    first_action = rl4vlm.action_start(tokenizer, ids, span)
     # the thought tokens decode to the text before the action value; the first action token is
     # the one holding the value's first character (with a merge such as ' "+' it holds the quote too)
     thought = tokenizer.decode(ids[:first_action], skip_special_tokens=True)
@@ -1527,7 +1704,7 @@ def test_thought_action_split_with_the_models_tokenizer(folder):
 
 
 def test_prompt_cache_gives_each_familys_processor_tensors(folder):
-    check_prompt_cache(rl4vlm.load_policy(str(folder), "cpu")[1])
+    check_prompt_cache(rl4vlm.load_policy(str(folder), "cpu").processor)
 
 
 def test_default_lora_targets_are_the_language_models_linear_layers(folder):
@@ -1551,29 +1728,27 @@ def test_default_lora_targets_are_the_language_models_linear_layers(folder):
 def test_each_family_rollout_logprobs_and_values_equal_a_full_forward(folder):
     """The training forward sees what generation saw: per-token extras (Gemma3's
     token_type_ids), positions and image inputs, for a left-padded batch."""
-    s, model, processor, value_head = load(folder, max_new_tokens=8, temperature=0.7)
+    s, policy = load(folder, max_new_tokens=8, temperature=0.7)
     task = envs.get_task("numberline")
     obs, infos = states(3)
-    suppress = rl4vlm.suppressed_ids(model, processor)
     torch.manual_seed(0)
-    samples, _ = rl4vlm.act(model, value_head, processor, task, obs, infos, s, suppress, np.random.default_rng(0))
+    samples = rl4vlm.act(policy, task, obs, infos, s, np.random.default_rng(0))
     # a shorter prompt, so that the batch has padding
-    samples[1]["prompt"] = rl4vlm.encode_prompts(processor, obs[1:2], ["a shorter prompt"], "cpu")[0]
+    samples[1].prompt = rl4vlm.encode_prompts(policy.processor, obs[1:2], ["a shorter prompt"], "cpu")[0]
     with torch.no_grad():
-        prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)
-        logprobs, values, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+        prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, policy.pad_id)
+        logprobs, values = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask, s.temperature)
         for i in (0, 2):
-            assert abs(float((logprobs[i] * weights[i]).sum()) - samples[i]["logprob"]) < 1e-5
-            assert abs(float(values[i]) - samples[i]["value"]) < 1e-5
-        alone = rl4vlm.forward(model, value_head, *rl4vlm.collate(samples[1:2], processor.tokenizer.pad_token_id)[:3],
-                               s.temperature, suppress)
-        n = len(samples[1]["gen_ids"])
+            assert abs(float((logprobs[i] * weights[i]).sum()) - samples[i].logprob) < 1e-5
+            assert abs(float(values[i]) - samples[i].value) < 1e-5
+        alone = rl4vlm.logprobs_and_values(policy, *rl4vlm.collate(samples[1:2], policy.pad_id)[:3], s.temperature)
+        n = len(samples[1].gen_ids)
         assert torch.allclose(logprobs[1, :n], alone[0][0], atol=1e-5)
         assert torch.allclose(values[1], alone[1][0], atol=1e-5)
 
 
 def test_one_bos_whether_the_template_or_the_tokenizer_writes_it(folder):
-    _, processor = rl4vlm.load_policy(str(folder), "cpu")
+    processor = rl4vlm.load_policy(str(folder), "cpu").processor
     assert processor.tokenizer.pad_token is not None  # LLaVA's has none and pads with EOS
     obs, infos = states(1)
     ids = rl4vlm.encode_prompts(processor, obs, [envs.get_task("numberline").prompt(infos[0], True)], "cpu")
@@ -1582,75 +1757,49 @@ def test_one_bos_whether_the_template_or_the_tokenizer_writes_it(folder):
     assert ids[0] == bos and ids.count(bos) == 1, processor.tokenizer.decode(ids)
 
 
-def ppo_step(model, processor, value_head, s, samples, lr=1e-2):
-    """One PPO update of one epoch over `samples` (one step: advantages +1, -1, ...)."""
-    params = ppo.lora_parameters(model) + list(value_head.parameters())
-    n = len(samples)
-    advantages = torch.tensor([[(-1.0) ** k for k in range(n)]])
-    s = rl4vlm.Settings(**{**vars(s), "update_epochs": 1, "minibatch_size": n, "micro_batch": 2})
-    return rl4vlm.ppo_update(model, value_head, torch.optim.AdamW(params, lr=lr), params, samples, advantages,
-                             advantages.clone(), s, rl4vlm.suppressed_ids(model, processor),
-                             processor.tokenizer.pad_token_id, np.random.default_rng(0))
-
-
 def test_a_ppo_step_changes_only_lora_and_value_head_weights(folder):
-    s, model, processor, value_head = load(folder, max_new_tokens=8)
+    s, policy = load(folder, max_new_tokens=8)
     obs, infos = states(4)
-    samples, _ = rl4vlm.act(model, value_head, processor, envs.get_task("numberline"), obs, infos, s,
-                            rl4vlm.suppressed_ids(model, processor), np.random.default_rng(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    head_before = {k: v.clone() for k, v in value_head.state_dict().items()}
-    stats = ppo_step(model, processor, value_head, s, samples)
+    samples = rl4vlm.act(policy, envs.get_task("numberline"), obs, infos, s, np.random.default_rng(0))
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    head_before = {k: v.clone() for k, v in policy.value_head.state_dict().items()}
+    stats = ppo_step(policy, s, samples)
     assert np.isfinite(stats["policy_loss"]) and np.isfinite(stats["value_loss"])
-    after = model.state_dict()
+    after = policy.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     lora = {k for k in before if ".lora_A." in k or ".lora_B." in k}
     assert changed and changed <= lora, f"base weights changed: {sorted(changed - lora)[:5]}"
-    assert all(not torch.equal(v, value_head.state_dict()[k]) for k, v in head_before.items())
-
-
-@pytest.fixture
-def llava(tmp_path):
-    path = tmp_path / "llava"
-    torch.manual_seed(0)
-    model, processor = build_llava(path)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    assert all(not torch.equal(v, policy.value_head.state_dict()[k]) for k, v in head_before.items())
 
 
 def test_bfloat16_weights_with_float32_log_probs_values_and_ppo(llava):
-    s, model, processor, value_head = load(llava, dtype="bfloat16", max_new_tokens=8, num_envs=2, num_steps=2)
-    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    s, policy = load(llava, dtype="bfloat16", max_new_tokens=8, num_envs=2, num_steps=2)
+    base = [p for n, p in policy.model.named_parameters() if "lora_" not in n]
     assert {p.dtype for p in base} == {torch.bfloat16}
-    assert {p.dtype for p in ppo.lora_parameters(model) + list(value_head.parameters())} == {torch.float32}
+    assert {p.dtype for p in trainable(policy)} == {torch.float32}
     task = envs.get_task("numberline")
-    pool = rl4vlm.EnvPool(task.env_id, s.num_envs, first_seed=0)
-    suppress = rl4vlm.suppressed_ids(model, processor)
-    samples, (_, values, next_values, _, _), _ = rl4vlm.rollout(
-        model, value_head, processor, task, pool, s, suppress, np.random.default_rng(0))
-    assert values.dtype == next_values.dtype == torch.float32 and torch.isfinite(next_values).all()
+    batch = rl4vlm.rollout(policy, task, rl4vlm.EnvPool(task.env_id, s.num_envs, range(10**4)), s, np.random.default_rng(0))
+    assert batch.values.dtype == batch.next_values.dtype == torch.float32 and torch.isfinite(batch.next_values).all()
     with torch.no_grad():
-        prompt, gen_ids, gen_mask, _ = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)
-        logprobs, v, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+        prompt, gen_ids, gen_mask, _ = rl4vlm.collate(batch.samples, policy.pad_id)
+        logprobs, v = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask, s.temperature)
     assert logprobs.dtype == v.dtype == torch.float32
-    assert all(np.isfinite(x["logprob"]) for x in samples)
-    stats = ppo_step(model, processor, value_head, s, samples)
+    assert all(np.isfinite(x.logprob) for x in batch.samples)
+    stats = ppo_step(policy, s, batch.samples)
     assert np.isfinite(stats["policy_loss"]) and np.isfinite(stats["grad_norm"])
 
 
 def test_grad_checkpointing_gives_the_same_gradients(llava):
-    s, model, processor, value_head = load(llava, max_new_tokens=8)
+    s, policy = load(llava, max_new_tokens=8)
+    model = policy.model
     obs, infos = states(2)
-    suppress = rl4vlm.suppressed_ids(model, processor)
-    samples, _ = rl4vlm.act(model, value_head, processor, envs.get_task("numberline"), obs, infos, s, suppress,
-                            np.random.default_rng(0))
-    batch = rl4vlm.collate(samples, processor.tokenizer.pad_token_id)[:3]
+    samples = rl4vlm.act(policy, envs.get_task("numberline"), obs, infos, s, np.random.default_rng(0))
+    batch = rl4vlm.collate(samples, policy.pad_id)[:3]
 
     def gradients():
         model.train()
         model.zero_grad()
-        logprobs, values, _ = rl4vlm.forward(model, value_head, *batch, s.temperature, suppress)
+        logprobs, values = rl4vlm.logprobs_and_values(policy, *batch, s.temperature)
         (logprobs.sum() + values.sum()).backward()
         return [p.grad.clone() for p in ppo.lora_parameters(model)]
     calls = []
@@ -1660,84 +1809,6 @@ def test_grad_checkpointing_gives_the_same_gradients(llava):
     model.activation_checkpointing_enable()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, gradients()))
     assert len(calls) == 3, "with checkpointing the layer runs again in the backward pass"
-
-
-def write_sft_data(folder, n=4):
-    """A JSONL of n expert answers for NumberLine states, pictures saved beside it."""
-    task = envs.get_task("numberline")
-    obs, infos = states(n, seed=100)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k, (image, info) in enumerate(zip(obs, infos)):
-        Image.fromarray(image).save(folder / f"{k}.png")
-        lines.append(json.dumps({"image": f"{k}.png", "prompt": task.prompt(info, True),
-                                 "answer": task.answer(info, task.expert(info), True)}))
-    (folder / "sft.jsonl").write_text("\n".join(lines) + "\n")
-    return folder / "sft.jsonl"
-
-
-def test_warm_start_from_an_sft_data_file(llava, tmp_path):
-    data = write_sft_data(tmp_path / "data")
-    rl4vlm.main(fast_args(llava, tmp_path, "--sft-data", str(data), "--run-name", "sft"))
-    warm, = (tmp_path / "cache").glob("sft-*")
-    info = json.loads((warm / "warm_start.json").read_text())
-    assert info["sft_data"] and info["aux"] is False and info["step"] == 2
-
-
-def test_sft_steps_0_starts_rl_from_the_model_itself(llava, tmp_path):
-    results = rl4vlm.main(fast_args(llava, tmp_path, "--sft-steps", "0", "--run-name", "no-sft"))
-    assert set(results) == {"warm_start", "rl"} and not list((tmp_path / "cache").glob("sft-*"))
-
-
-@pytest.mark.parametrize("line, message", [
-    (None, "no such file"),
-    ("not json", "line 2 is not JSON"),
-    ('{"image": "0.png", "prompt": "p"}', 'line 2 needs the strings "image", "prompt" and "answer"'),
-    ('{"image": "missing.png", "prompt": "p", "answer": "a"}', "line 2: no image"),
-])
-def test_bad_sft_data_is_rejected_with_one_line(tmp_path, line, message):
-    data = write_sft_data(tmp_path, n=1)
-    if line is None:
-        data = tmp_path / "missing.jsonl"
-    else:
-        data.write_text(data.read_text() + line + "\n")
-    with pytest.raises(SystemExit) as e:
-        rl4vlm.parse_settings(["--sft-data", str(data)])
-    assert message in str(e.value) and "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--dtype", "float64"], "--dtype must be float32, bfloat16 or float16"),
-    (["--aux-loss", "on", "--sft-data", "SFT"], "--aux-loss on needs the env's labels"),
-])
-def test_bad_model_settings_are_rejected(tmp_path, argv, message):
-    argv = [str(write_sft_data(tmp_path, n=1)) if a == "SFT" else a for a in argv]
-    with pytest.raises(SystemExit) as e:
-        rl4vlm.parse_settings(argv)
-    assert message in str(e.value) and "\n" not in str(e.value)
-
-
-def test_a_model_without_a_chat_template_is_rejected(llava):
-    (llava / "chat_template.jinja").unlink()
-    with pytest.raises(SystemExit, match="has no chat template"):
-        rl4vlm.load_policy(str(llava), "cpu")
-
-
-class Qwen2VLStandIn:
-    """What Qwen2VLProcessor does for one image per text (the class itself cannot be built here)."""
-    def __init__(self, image_processor, tokenizer, chat_template):
-        self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
-
-    def apply_chat_template(self, conversation, **kwargs):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
-
-    def __call__(self, images, text, return_tensors, add_special_tokens=True):
-        pixels = self.image_processor(images=images, return_tensors=return_tensors)  # pixel_values (patches, 3*2*8*8)
-        n = int(pixels["image_grid_thw"][0].prod()) // self.image_processor.merge_size ** 2
-        enc = self.tokenizer([t.replace("<|image_pad|>", "<|image_pad|>" * n) for t in text],
-                             return_tensors=return_tensors, add_special_tokens=add_special_tokens)
-        enc["mm_token_type_ids"] = (enc["input_ids"] == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()
-        return {**enc, **pixels}
 
 
 def test_qwen2_vl_log_probs_and_a_ppo_step():
@@ -1766,21 +1837,19 @@ def test_qwen2_vl_log_probs_and_a_ppo_step():
     for _, m in ppo.lora_modules(model):
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     model.eval()
-    value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
+    policy = rl4vlm.Policy(model, processor, ppo.ValueHead(model.config.get_text_config().hidden_size))
     obs, infos = states(4)
-    suppress = rl4vlm.suppressed_ids(model, processor)
-    samples, _ = rl4vlm.act(model, value_head, processor, envs.get_task("numberline"), obs, infos, s, suppress,
-                            np.random.default_rng(0))
-    samples[1]["prompt"] = rl4vlm.encode_prompts(processor, obs[1:2], ["short"], "cpu")[0]  # padding in the batch
+    samples = rl4vlm.act(policy, envs.get_task("numberline"), obs, infos, s, np.random.default_rng(0))
+    samples[1].prompt = rl4vlm.encode_prompts(processor, obs[1:2], ["short"], "cpu")[0]  # padding in the batch
     with torch.no_grad():
         prompt, gen_ids, gen_mask, weights = rl4vlm.collate(samples, tok.pad_token_id)
-        logprobs, values, _ = rl4vlm.forward(model, value_head, prompt, gen_ids, gen_mask, s.temperature, suppress)
+        logprobs, values = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask, s.temperature)
     # 1-D positions instead of the 3-D ones would be off by about 1e-4 here
     for i in (0, 2, 3):
-        assert abs(float((logprobs[i] * weights[i]).sum()) - samples[i]["logprob"]) < 1e-5
-        assert abs(float(values[i]) - samples[i]["value"]) < 1e-5
+        assert abs(float((logprobs[i] * weights[i]).sum()) - samples[i].logprob) < 1e-5
+        assert abs(float(values[i]) - samples[i].value) < 1e-5
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ppo_step(model, processor, value_head, s, samples)
+    ppo_step(policy, s, samples)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed)
 
@@ -1794,7 +1863,7 @@ def test_pictures_with_different_crop_counts_batch_as_each_alone(tmp_path):
     processor.image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
                                                           do_image_splitting=True)
     model.eval()
-    value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
+    policy = rl4vlm.Policy(model, processor, ppo.ValueHead(model.config.get_text_config().hidden_size))
     rng = np.random.default_rng(0)
     pictures = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), rng.integers(0, 256, (20, 60, 3), dtype=np.uint8)]
     rows = rl4vlm.encode_prompts(processor, pictures, ["square", "wide"], "cpu")
@@ -1802,9 +1871,8 @@ def test_pictures_with_different_crop_counts_batch_as_each_alone(tmp_path):
     gen_ids = torch.tensor(processor.tokenizer([' {"action": "+"}', ' {"action": "-"}'], add_special_tokens=False)["input_ids"])
     gen_mask = torch.ones_like(gen_ids, dtype=torch.bool)
     with torch.no_grad():
-        batch = rl4vlm.forward(model, value_head, rl4vlm.pad_prompts(rows, processor.tokenizer.pad_token_id),
-                               gen_ids, gen_mask, 1.0, [])
+        batch = rl4vlm.logprobs_and_values(policy, rl4vlm.pad_prompts(rows, policy.pad_id), gen_ids, gen_mask, 1.0)
         for i, row in enumerate(rows):
-            alone = rl4vlm.forward(model, value_head, row, gen_ids[i:i + 1], gen_mask[i:i + 1], 1.0, [])
+            alone = rl4vlm.logprobs_and_values(policy, row, gen_ids[i:i + 1], gen_mask[i:i + 1], 1.0)
             assert torch.allclose(batch[0][i], alone[0][0], atol=1e-5)
             assert torch.allclose(batch[1][i], alone[1][0], atol=1e-5)
