@@ -28,7 +28,7 @@ Where this departs from the paper or from textbook PPO:
    (--sft-expert: 0 for NumberLine and Blackjack) takes the expert's action, the rest a random one.
 3. The tiny model uses its own hyper-parameters where the 7B ones do not fit it (learning
    rate, LoRA rank, gradient clipping, a KL guard on each update); the README lists them.
-4. A sample whose text has no "action" key counts all its tokens as thought tokens: the
+4. A sample whose text names no legal action counts all its tokens as thought tokens: the
    random action played instead is not the model's choice. Tokens after the start of the
    action value (closing quote, brace, end of turn) count as action tokens.
 5. Old log-probs and values come from the sampling pass itself (generate's raw logits and its
@@ -534,14 +534,15 @@ def act(policy: Policy, task, images, infos, s: Settings, rng) -> list[Sample]:
         ids = gen_ids[i][gen_mask[i]].tolist()
         text = policy.processor.tokenizer.decode(ids, skip_special_tokens=True)
         action, span = parse.parse_action(text, task.actions)
+        format_ok = action is not None
+        if not format_ok:  # the paper plays a random legal action; counted as a format failure
+            action, span = task.random_action(rng), None  # not the model's choice: every token is thought
         first = action_start(policy.processor.tokenizer, ids, span)
         weights = torch.tensor([s.thought_coef] * first + [1.0] * (len(ids) - first))
-        if action is None:  # the paper plays a random legal action; counted as a format failure
-            action = task.random_action(rng)
         samples.append(Sample(prompt=rows[i], gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
                               logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
                               entropy=entropy[i, :len(ids)], text=text, n_thought=first, thought=text[:span[0]] if span else text,
-                              action=action, format_ok=span is not None))
+                              action=action, format_ok=format_ok))
     return samples
 
 
@@ -567,15 +568,20 @@ def collate(samples: list[Sample], pad_id: int) -> tuple[dict, torch.Tensor, tor
 
 
 # ----------------------------------------------------------------------------------------
-# Random streams and environments. A stream is a range of episode seeds: training (per rank),
-# evaluation and the warm start's states.
-MAX_SEED = 1000
+# Random streams and environments.
+#
+# A stream is a range of episode seeds, one per (stream, seed, rank): training (per rank),
+# evaluation and the warm start's states. The ranges never meet (test_episode_seed_streams_never_overlap),
+# so no deal is played by two streams, and each stream's first seed also seeds its numpy and
+# torch generators.
+STREAMS, MAX_SEED, MAX_RANKS, STREAM_EPISODES = ("train", "eval", "warm_start"), 1000, 100, 10**6
 
 
 def stream(name: str, seed: int, rank: int = 0) -> range:
     """The episode seeds of a stream, in the order its episodes are played."""
-    first = {"train": seed * 10**6 + rank * 10**5, "eval": 10**9 + seed * 10**6, "warm_start": seed * 1_000_003 + 7}[name]
-    return range(first, first + 10**5)
+    assert 0 <= seed < MAX_SEED and 0 <= rank < MAX_RANKS, (seed, rank)
+    first = ((STREAMS.index(name) * MAX_SEED + seed) * MAX_RANKS + rank) * STREAM_EPISODES
+    return range(first, first + STREAM_EPISODES)
 
 
 class EnvPool:
@@ -753,7 +759,7 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
     aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
     key = dict(model=s.model, env=task.env_id, cot=s.cot, sft_steps=s.sft_steps, sft_batch=s.sft_batch,
                sft_lr=s.sft_lr, sft_expert=s.sft_expert, sft_follow=s.sft_follow, aux=aux, seed=s.seed,
-               texts=text_version())
+               texts=text_version(), episodes=stream("warm_start", s.seed).start, max_grad_norm=s.max_grad_norm)
     # settings that shape only some warm starts join the key only when they do, so older entries stay valid
     key.update({k: v for k, v in dict(
         dtype=s.dtype, sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
@@ -769,10 +775,10 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
             + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
         t0 = time.time()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s.seed)
+            torch.manual_seed(stream("warm_start", s.seed).start)
             if not full:
                 ppo.add_lora(policy.model, s.lora_rank, s.lora_alpha, s.lora_dropout, lora_targets(policy.model, s))
-            stats = warm_start(policy, task, s, aux, np.random.default_rng(s.seed), log)
+            stats = warm_start(policy, task, s, aux, np.random.default_rng(stream("warm_start", s.seed).start), log)
             if not full:
                 ppo.merge_lora(policy.model)
         info = dict(key, **stats, seconds=round(time.time() - t0, 1))
@@ -1044,9 +1050,11 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
 
     # ---- seeding: the one place the run's random streams start. torch's generator draws the
     # LoRA and value-head init and the sampled tokens, `rng` the fallback actions and minibatch
-    # order; every episode is seeded by EnvPool. The cached models and evaluation use forks.
-    torch.manual_seed(s.seed + rank)
-    rng = np.random.default_rng([s.seed, rank])
+    # order; every episode is seeded by EnvPool. The cached models and evaluation use forks,
+    # seeded from their own streams.
+    seeds = stream("train", s.seed, rank)
+    torch.manual_seed(seeds.start)
+    rng = np.random.default_rng(seeds.start)
 
     policy = warm_started_policy(s, task, log)
     model = policy.model.eval()
@@ -1064,7 +1072,7 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
     results = json.loads(results_path.read_text()) if resuming else {}
-    pool, start = EnvPool(task.env_id, s.num_envs, stream("train", s.seed, rank)), 1
+    pool, start = EnvPool(task.env_id, s.num_envs, seeds), 1
     if resuming:
         done, pool, rng = load_checkpoint(run_dir, policy, optimizer, scheduler)
         start = done + 1

@@ -1279,6 +1279,19 @@ def test_env_names_one_task_several_or_the_suite():
     assert names("blackjack,ezpoints") == ["Blackjack", "EZPoints"] and names("gym_cards/Points24-v0") == ["Points24"]
 
 
+def test_episode_seed_streams_never_overlap():
+    """Every (stream, seed, rank) owns its own range of episode seeds: sorted by start, each range
+    ends before the next begins, over every seed and rank the settings allow."""
+    ranges = sorted((rl4vlm.stream(name, seed, rank) for name in rl4vlm.STREAMS
+                     for seed in range(rl4vlm.MAX_SEED) for rank in range(rl4vlm.MAX_RANKS)), key=lambda r: r.start)
+    assert len(ranges) == 3 * 1000 * 100 and all(len(r) == rl4vlm.STREAM_EPISODES for r in ranges)
+    assert all(a.stop <= b.start for a, b in zip(ranges, ranges[1:]))
+    pool = rl4vlm.EnvPool("gym_cards/NumberLine-v0", 2, range(7, 10))  # a pool never leaves its range
+    with pytest.raises(RuntimeError, match="episode seeds are used up"):
+        for _ in range(20):
+            pool.step(0, 0)
+
+
 # --- the policy: prompts, generation, log-probs and the lambda split ---------------------
 
 
@@ -1425,9 +1438,10 @@ def test_rollout_logprobs_values_and_entropy_equal_a_full_forward(policy):
             assert x.n_thought == int((weights[0] == s.thought_coef).sum())
 
 
-def test_no_action_plays_a_random_action_and_counts_as_thought(policy, monkeypatch):
+@pytest.mark.parametrize("span", [None, (0, 1)])  # no "action" key; a key whose value is no legal action
+def test_no_legal_action_plays_a_random_action_and_counts_as_thought(policy, monkeypatch, span):
     s, task = settings(max_new_tokens=6)
-    monkeypatch.setattr(parse, "parse_action", lambda text, actions: (None, None))
+    monkeypatch.setattr(parse, "parse_action", lambda text, actions: (None, span))
     obs, infos = states(8)
     samples = rl4vlm.act(policy, task, obs, infos, s, np.random.default_rng(0))
     assert not any(x.format_ok for x in samples)
