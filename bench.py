@@ -1,6 +1,8 @@
 """Speed of rl4vlm on the built-in model, against a paper-style loop; checks that say PASS or FAIL.
 
     python bench.py                 # tables on stdout, numbers in bench.json; exit 1 if a check fails
+    python bench.py --experts       # the experts' and random actions' success, Points24 solvability
+    python bench.py --pictures DIR  # a sample picture of each task (300 px, and shrunk to 96 and 64 px)
 
 Measures, in one process (the warm-started built-in NumberLine policy, cached in .cache):
 - env steps per second of our batched rollout (1, 8, 32 envs) and of a paper-style loop at 32
@@ -14,7 +16,9 @@ Measures, in one process (the warm-started built-in NumberLine policy, cached in
 - this process's peak resident memory.
 """
 import argparse
+import itertools
 import json
+import os
 import resource
 import sys
 import time
@@ -24,6 +28,7 @@ from dataclasses import replace
 import gymnasium as gym
 import numpy as np
 import torch
+from PIL import Image
 
 import envs
 import parse
@@ -91,12 +96,53 @@ def env_step_seconds(env, steps, rng):
     return (time.perf_counter() - t0) / steps
 
 
+def experts(episodes, seed):
+    for task in envs.TASKS.values():
+        rate = np.mean([envs.is_success(r) for r in envs.expert_returns(task, episodes, seed)])
+        chance = np.mean([envs.is_success(r) for r in envs.expert_returns(task, episodes, seed,
+                                                                           lambda info, rng: task.random_action(rng))])
+        print(f"{task.name}: expert success {rate:.4f}, random actions {chance:.4f}, over {episodes} episodes (seed {seed})")
+    env, played = envs.Points24Env(), []
+    env.reset(seed=seed)  # the deals the expert played
+    for episode in range(episodes):
+        if episode > 0:
+            env.deal()
+        played.append(envs.points24_solvable(env.numbers))
+    deals = list(itertools.product(range(1, 14), repeat=4))
+    share = np.mean([envs.points24_solvable([envs.card_value(r) for r in deal]) for deal in deals])
+    print(f"Points24: solvable share {np.mean(played):.4f} of the deals played, {share:.4f} of all {len(deals)} deals")
+    _, expected, win = envs.blackjack_optimum()
+    print(f"Blackjack: best fixed policy (DP) wins {win:.4f}, expected return {expected:.4f}")
+
+
+def pictures(folder, seed):
+    os.makedirs(folder, exist_ok=True)
+    for task in envs.TASKS.values():
+        env = gym.make(task.env_id)
+        obs, info = env.reset(seed=seed)
+        for _ in range(2):  # a couple of expert moves, so the Points pictures show a formula
+            action = task.expert(info)
+            if action is None or task.actions[action] in ("=", "stand"):
+                break
+            obs, _, _, _, info = env.step(action)
+        for size in (envs.SIZE, 96, 64):
+            suffix = "" if size == envs.SIZE else f"_{size}"
+            Image.fromarray(obs).resize((size, size), Image.BICUBIC).save(os.path.join(folder, f"{task.name}{suffix}.png"))
+        print(f"{task.name}: {info}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="rollout steps per env per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per row (the median is shown)")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--experts", action="store_true", help="print the experts' success rates and stop")
+    parser.add_argument("--pictures", metavar="DIR", help="save a sample picture of each task and stop")
+    parser.add_argument("--episodes", type=int, default=20_000, help="--experts: episodes per task")
+    parser.add_argument("--seed", type=int, default=0, help="--experts, --pictures: the first deal's seed")
     args = parser.parse_args()
+    if args.experts or args.pictures:
+        return experts(args.episodes, args.seed) if args.experts else pictures(args.pictures, args.seed)
 
     task = envs.get_task("numberline")
     s = rl4vlm.with_task_defaults(rl4vlm.Settings(), task)

@@ -20,15 +20,13 @@ Behaviour follows the rules file exactly. Choices the rules leave open:
 - Points solvability means: some formula over the four numbers with + - * / and parentheses, written
   in the env's actions (no two numbers adjacent), that the env accepts (float semantics, exact ==).
 
-`python envs.py --out DIR` saves sample pictures; `python envs.py --expert` prints the experts' success.
+`python bench.py --experts` prints the experts' success; `python bench.py --pictures DIR` saves sample pictures.
 """
-import argparse
 import ast
 import functools
 import json
 import math
 import operator
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import product
@@ -707,45 +705,3 @@ def expert_returns(task, episodes, seed, policy=None):
             episode_return, done = episode_return + reward, terminated or truncated
         returns.append(episode_return)
     return returns
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="folder for sample pictures (300 px, and shrunk to 64 and 96 px)")
-    parser.add_argument("--expert", action="store_true", help="print the experts' success rates")
-    parser.add_argument("--episodes", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        for task in TASKS.values():
-            env = gym.make(task.env_id)
-            obs, info = env.reset(seed=args.seed)
-            for _ in range(2):  # a couple of expert moves, so the Points pictures show a formula
-                action = task.expert(info)
-                if action is None or task.actions[action] in ("=", "stand"):
-                    break
-                obs, _, _, _, info = env.step(action)
-            picture = Image.fromarray(obs)
-            for size in (SIZE, 96, 64):
-                suffix = "" if size == SIZE else f"_{size}"
-                picture.resize((size, size), Image.BICUBIC).save(os.path.join(args.out, f"{task.name}{suffix}.png"))
-            print(f"{task.name}: {info}")
-    if args.expert:
-        for task in TASKS.values():
-            returns = expert_returns(task, args.episodes, args.seed)
-            rate = np.mean([is_success(r) for r in returns])
-            chance = np.mean([is_success(r) for r in expert_returns(task, args.episodes, args.seed, lambda info, rng: task.random_action(rng))])
-            print(f"{task.name}: expert success {rate:.4f}, random actions {chance:.4f}, "
-                  f"over {args.episodes} episodes (seed {args.seed})")
-        env, played = Points24Env(), []
-        env.reset(seed=args.seed)  # the deals the expert played
-        for episode in range(args.episodes):
-            if episode > 0:
-                env.deal()
-            played.append(points24_solvable(env.numbers))
-        deals = list(product(range(1, 14), repeat=4))
-        share = np.mean([points24_solvable([card_value(r) for r in deal]) for deal in deals])
-        print(f"Points24: solvable share {np.mean(played):.4f} of the deals played, {share:.4f} of all {len(deals)} deals")
-        _, expected, win = blackjack_optimum()
-        print(f"Blackjack: best fixed policy (DP) wins {win:.4f}, expected return {expected:.4f}")

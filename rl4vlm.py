@@ -51,12 +51,14 @@ import sys
 import time
 import weakref
 from collections import OrderedDict
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
@@ -89,6 +91,7 @@ class Settings:
     dtype: str = _opt("float32", "model weights: float32, bfloat16 or float16 (LoRA, value head, PPO maths: float32)")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
     threads: int = _opt(1, "torch CPU threads: 1 gives the same numbers on any number of cores, 0 takes torch's default (all cores)")
+    dist_timeout: float = _opt(30.0, "under torchrun: minutes a rank waits for the others before the job fails")
     # the method
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
     thought_coef: float = _opt(0.5, "lambda: weight of the thought tokens' log-prob in log pi(a|s)")
@@ -97,7 +100,7 @@ class Settings:
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action")
     target_kl: float = _opt(0.05, "stop an update's epochs at the first minibatch whose approx_kl exceeds this, before its step (0: never)")
     # rollouts
-    num_envs: int = _opt(32, "environments stepped in parallel, one prompt each")
+    num_envs: int = _opt(32, "environments stepped in parallel, one prompt each; under torchrun the global count, split across the ranks")
     num_steps: int = _opt(None, "steps per env per update (default: the task's)", int)
     total_steps: int = _opt(None, "env steps of RL in all (default: the task's)", int)
     # PPO
@@ -105,8 +108,8 @@ class Settings:
     gae_lambda: float = _opt(0.95, "GAE lambda")
     clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss")
     update_epochs: int = _opt(4, "PPO epochs per update")
-    minibatch_size: int = _opt(128, "samples per optimizer step")
-    micro_batch: int = _opt(32, "samples per forward pass (gradients are accumulated)")
+    minibatch_size: int = _opt(128, "samples per optimizer step (global under torchrun)")
+    micro_batch: int = _opt(32, "samples per forward pass on each rank (gradients are accumulated)")
     vf_coef: float = _opt(0.5, "value-loss coefficient")
     max_grad_norm: float = _opt(1.0, "gradient clipping (paper: 0.01 for the 7B model)")
     lr: float = _opt(1e-3, "learning rate of LoRA and value head, cosine-annealed (paper: 1e-5)")
@@ -127,7 +130,7 @@ class Settings:
     ablations: str = _opt("", "instead of plain runs: cot (each task with and without chain of thought) or lambda (thought_coef 0, 0.2, 0.5, 1)")
     # evaluation and checkpoints
     eval_episodes: int = _opt(500, "held-out episodes per evaluation")
-    eval_envs: int = _opt(256, "environments stepped in parallel while evaluating (no gradients: larger batches pay)")
+    eval_envs: int = _opt(256, "environments each rank steps in parallel while evaluating (no gradients: larger batches pay)")
     checkpoint_every: int = _opt(5, "updates between checkpoints (and one after the last)")
 
 
@@ -155,34 +158,30 @@ def parse_settings(argv=None) -> Settings:
 
 
 def check_settings(s: Settings) -> None:
-    """Reject bad values before any work. Raises ValueError with a one-line reason."""
+    """Reject bad values (nan and inf too) before any work. Raises ValueError with a one-line reason."""
     tasks_of(s.env)  # ValueError lists the tasks
-    positive = ["num_envs", "num_steps", "total_steps", "update_epochs", "minibatch_size", "micro_batch",
-                "max_new_tokens", "lora_rank", "sft_batch", "eval_episodes", "eval_envs", "checkpoint_every", "temperature",
-                "lr", "sft_lr", "clip_coef", "max_grad_norm", "lora_alpha"]
-    for name in positive:
-        value = getattr(s, name)
-        if value is not None and not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ["gamma", "gae_lambda", "lora_dropout", "sft_expert", "sft_follow"]:
-        if getattr(s, name) is not None and not 0 <= getattr(s, name) <= 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(s, name)}")
-    for name in ["thought_coef", "vf_coef", "format_penalty", "threads", "lr_min", "target_kl"]:
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    flag = lambda name: "--" + name.replace("_", "-")
+    rules = [("> 0", lambda v: v > 0, ["num_envs", "num_steps", "total_steps", "update_epochs", "minibatch_size",
+                                       "micro_batch", "max_new_tokens", "lora_rank", "sft_batch", "eval_episodes",
+                                       "eval_envs", "checkpoint_every", "temperature", "lr", "sft_lr", "clip_coef",
+                                       "max_grad_norm", "lora_alpha", "dist_timeout"]),
+             ("in [0, 1]", lambda v: 0 <= v <= 1, ["gamma", "gae_lambda", "lora_dropout", "sft_expert", "sft_follow"]),
+             (">= 0", lambda v: v >= 0, ["thought_coef", "vf_coef", "format_penalty", "threads", "lr_min", "target_kl",
+                                         "sft_steps"])]
+    for rule, ok, names in rules:
+        for name in names:
+            if getattr(s, name) is not None and not (ok(getattr(s, name)) and math.isfinite(getattr(s, name))):
+                raise ValueError(f"{flag(name)} must be {rule}, got {getattr(s, name)}")
     for seed in [s.seed, *s.seeds]:
         if not 0 <= seed < MAX_SEED:
             raise ValueError(f"--seed must be in 0..{MAX_SEED - 1}, got {seed}")
-    if s.sft_steps is not None and s.sft_steps < 0:
-        raise ValueError(f"--sft-steps must be >= 0, got {s.sft_steps}")
-    if s.ablations not in ("", "cot", "lambda"):
-        raise ValueError(f"--ablations must be cot or lambda, got {s.ablations!r}")
+    choices = dict(ablations=("", "cot", "lambda"), aux_loss=("auto", "on", "off"), dtype=("float32", "bfloat16", "float16"))
+    for name, allowed in choices.items():
+        if getattr(s, name) not in allowed:
+            named = [c for c in allowed if c]
+            raise ValueError(f"{flag(name)} must be {', '.join(named[:-1])} or {named[-1]}, got {getattr(s, name)!r}")
     if len(set(s.seeds)) != len(s.seeds):
         raise ValueError(f"--seeds must differ, got {s.seeds}")
-    if s.aux_loss not in ("auto", "on", "off"):
-        raise ValueError(f"--aux-loss must be auto, on or off, got {s.aux_loss!r}")
-    if s.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {s.dtype!r}")
     if s.sft_data:
         read_sft_data(s.sft_data)
         if s.aux_loss == "on":
@@ -592,17 +591,17 @@ class EnvPool:
     def __init__(self, env_id: str, num_envs: int, seeds: range):
         # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
         self.envs = [gym.make(env_id, disable_env_checker=True) for _ in range(num_envs)]
-        self.seeds, self.next_seed = seeds, seeds.start
+        self.seeds, self.started = seeds, 0  # episodes started
         self.obs, self.infos = [None] * num_envs, [None] * num_envs
         self.returns = np.zeros(num_envs)
         for i in range(num_envs):
             self.reset(i)
 
     def reset(self, i: int) -> None:
-        if self.next_seed not in self.seeds:
+        if self.started == len(self.seeds):
             raise RuntimeError(f"the stream's {len(self.seeds):,} episode seeds are used up")
-        self.obs[i], self.infos[i] = self.envs[i].reset(seed=self.next_seed)
-        self.next_seed += 1
+        self.obs[i], self.infos[i] = self.envs[i].reset(seed=self.seeds[self.started])
+        self.started += 1
         self.returns[i] = 0.0
 
     def step(self, i: int, action: int):
@@ -650,7 +649,7 @@ def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
     policy.model.train()
     t0, stats = time.time(), {}
     for step, batch in enumerate(itertools.chain([first], batches), 1):
-        loss, stats = sft_loss(policy, heads, task, *batch, s)
+        loss, stats = sft_loss(policy, heads, task, batch, s)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"warm start: loss is {loss.item()} at step {step}")
         opt.zero_grad()
@@ -701,9 +700,11 @@ def perception_heads(policy: Policy, task, batch, s: Settings) -> dict:
     return {k: torch.nn.Linear(n, sum(task.label_classes)).to(s.device) for k, n in sizes.items()}
 
 
-def sft_loss(policy: Policy, heads: dict, task, images, prompts, answers, labels, s: Settings):
-    """The warm start's loss on one batch: the answers' mean token negative log-likelihood, plus
-    the perception heads' cross-entropy if there are heads. Returns (loss, stats)."""
+def sft_loss(policy: Policy, heads: dict, task, batch, s: Settings):
+    """The warm start's loss on one batch (pictures, prompts, answers, labels): the answers' mean
+    token negative log-likelihood, plus the perception heads' cross-entropy if there are heads.
+    Returns (loss, stats)."""
+    images, prompts, answers, labels = batch
     tokenizer = policy.processor.tokenizer
     stops = tokenizer.convert_ids_to_tokens(policy.stop_ids)
     answers = [torch.tensor(tokenizer(answer_text(policy.processor, p, a, stops), add_special_tokens=False)["input_ids"])
@@ -825,7 +826,8 @@ class Rollout:
 
 
 def rollout(policy: Policy, task, pool: EnvPool, s: Settings, rng) -> Rollout:
-    T, N = s.num_steps, s.num_envs
+    """num_steps steps of this rank's envs; the statistics are over every rank's."""
+    T, N = s.num_steps, len(pool.envs)
     rewards, terminated, truncated, values, next_values = (torch.zeros(T, N) for _ in range(5))
     samples, episode_returns, finals = [], [], []
     for t in range(T):
@@ -848,52 +850,66 @@ def rollout(policy: Policy, task, pool: EnvPool, s: Settings, rng) -> Rollout:
         v = prompt_values(policy, task, [f[2] for f in finals], [f[3] for f in finals], s)
         for (t, i, _, _), value in zip(finals, v):
             next_values[t, i] = value
+    episode_returns, every = (sum(parts, []) for parts in zip(*gather((episode_returns, [replace(x, prompt={}) for x in samples]))))
     stats = dict(episodes=len(episode_returns),
                  success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
                  mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
-                 format_fail=float(np.mean([not x.format_ok for x in samples])), **diagnostics(samples, task.actions))
+                 format_fail=float(np.mean([not x.format_ok for x in every])), **diagnostics(every, task.actions))
     return Rollout(samples, rewards, values, next_values, terminated, truncated, stats)
 
 
 def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, returns, s: Settings, rng) -> dict:
     """update_epochs passes over the batch in shuffled minibatches (micro-batches accumulate).
-    advantages, returns: (num_steps, num_envs), step-major like `samples`.
+    advantages, returns: (num_steps, num_envs of this rank), step-major like `samples`.
     The KL guard (CleanRL's target_kl, checked before each step rather than after each epoch):
     at the first minibatch whose approx_kl exceeds target_kl, its step is not taken and the
-    update ends. Statistics are means over the minibatches measured."""
+    update ends. Statistics are means over the minibatches measured.
+    Under torchrun the batch is global: rank r holds samples r * n .. r * n + n - 1, everyone
+    follows rank 0's minibatch order, normalises advantages over the whole minibatch and
+    computes the loss of its own samples in it; gradients and statistics are summed across
+    ranks, so every rank takes the step one process would take on the whole batch."""
+    rank, world = rank_and_world()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    b_logprobs = torch.tensor([x.logprob for x in samples])
-    b_values = torch.tensor([x.value for x in samples])
-    b_advantages, b_returns = advantages.flatten(), returns.flatten()
-    orders = [rng.permutation(len(samples)) for _ in range(s.update_epochs)]
-    minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, len(samples), s.minibatch_size)]
+    n = len(samples)
+    local = torch.stack([torch.tensor([x.logprob for x in samples]), torch.tensor([x.value for x in samples]),
+                         advantages.flatten(), returns.flatten()])                        # (4, n)
+    b_logprobs, b_values, b_advantages, b_returns = torch.cat(gather(local), 1)          # (4, world * n)
+    orders = gather([rng.permutation(world * n) for _ in range(s.update_epochs)])[0]
+    minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, world * n, s.minibatch_size)]
     policy.model.train()
     measured, grad_norms = [], []
-    for n, mb in enumerate(minibatches):
+    for k, mb in enumerate(minibatches):
         mb_advantages = b_advantages[mb]
         if len(mb) > 1:
             mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+        mine = np.flatnonzero(mb // n == rank)  # the places in mb of this rank's samples
         optimizer.zero_grad()
-        mb_stats = {}
-        for j in range(0, len(mb), s.micro_batch):
-            micro = mb[j:j + s.micro_batch]
-            prompt, gen_ids, gen_mask, weights = collate([samples[k] for k in micro], policy.pad_id)
+        mb_stats = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clipfrac"), 0.0)
+        for j in range(0, len(mine), s.micro_batch):
+            places = mine[j:j + s.micro_batch]
+            micro = mb[places]
+            prompt, gen_ids, gen_mask, weights = collate([samples[g - rank * n] for g in micro], policy.pad_id)
             logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids.to(s.device), gen_mask.to(s.device),
                                                        s.temperature)
             new_logprobs = (logprobs * weights.to(s.device)).sum(1)     # log pi(a|s), (micro,)
-            loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[j:j + s.micro_batch],
+            loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[places],
                                        new_values, b_values[micro], b_returns[micro], clip_coef=s.clip_coef,
                                        vf_coef=s.vf_coef)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"PPO loss is {loss.item()} (minibatch {n + 1}, stats {stats}); "
+                raise FloatingPointError(f"PPO loss is {loss.item()} (minibatch {k + 1}, stats {stats}); "
                                          "the last checkpoint is untouched")
             (loss * len(micro) / len(mb)).backward()
-            stats.pop("explained_variance")  # of the whole batch, computed once below
-            for k, v in stats.items():
-                mb_stats[k] = mb_stats.get(k, 0.0) + v * len(micro) / len(mb)
-        measured.append(mb_stats)
-        if s.target_kl and mb_stats["approx_kl"] > s.target_kl:
+            for key in mb_stats:  # explained_variance is of the whole batch, computed once below
+                mb_stats[key] += stats[key] * len(micro) / len(mb)
+        totals = torch.tensor(list(mb_stats.values()), dtype=torch.float64, device=s.device)
+        all_sum([totals])
+        measured.append(dict(zip(mb_stats, totals.tolist())))
+        if s.target_kl and measured[-1]["approx_kl"] > s.target_kl:
             break  # the KL guard
+        if world > 1:  # sum the gradients; a rank with no sample in this minibatch adds zeros
+            for p in params:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            all_sum([p.grad for p in params])
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
         optimizer.step()
     policy.model.eval()
@@ -914,8 +930,11 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 @torch.no_grad()
 def evaluate(policy: Policy, task, s: Settings, log, label: str) -> dict:
     """s.eval_episodes episodes of the evaluation stream (held-out deals), sampled as in
-    training. Its generators are forked, so it does not move the training ones."""
-    n, seeds = s.eval_episodes, stream("eval", s.seed)
+    training; under torchrun rank r plays episodes r, r + N, r + 2N... and the results are
+    gathered. Its generators are forked, so it does not move the training ones."""
+    rank, world = rank_and_world()
+    deals = stream("eval", s.seed)
+    seeds, n = deals[rank::world], len(range(rank, s.eval_episodes, world))
     pool = EnvPool(task.env_id, min(s.eval_envs, n), seeds)
     active, started = [True] * len(pool.envs), len(pool.envs)
     returns, format_ok, t0 = [], [], time.time()
@@ -937,16 +956,18 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str) -> dict:
             if time.time() - last_log > 10 or not any(active):
                 last_log = time.time()
                 log(f"evaluating {label}: {len(returns)}/{n} episodes, {time.time() - t0:.0f}s")
+    returns, format_ok = (sum(parts, []) for parts in zip(*gather((returns, format_ok))))
+    n = s.eval_episodes
     wins = sum(envs.is_success(r) for r in returns)
     low, high = wilson(wins, n)
     result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
                   format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
-    result["expert_match"] = expert_match(policy, task, s, seeds)
+    result["expert_match"] = expert_match(policy, task, s, deals)
     log(f"{label}: success {result['success']:.3f}, greedy action = expert's on {result['expert_match']:.3f} "
         f"of held-out states along the expert's path")
     if task.solvable:  # the share of the evaluated deals that can be won at all
         env = gym.make(task.env_id)
-        result["solvable"] = float(np.mean([task.solvable(env.reset(seed=seeds[k])[1]) for k in range(n)]))
+        result["solvable"] = float(np.mean([task.solvable(env.reset(seed=deals[k])[1]) for k in range(n)]))
     return result
 
 
@@ -975,6 +996,44 @@ def expert_match(policy: Policy, task, s: Settings, seeds: range, n: int = 200) 
 
 
 # ----------------------------------------------------------------------------------------
+# Data parallelism under torchrun: each rank steps its own envs and samples with its own copy
+# of the model; the LoRA and value-head gradients are summed across ranks at every optimizer
+# step (the frozen weights are never communicated). In one process these do nothing.
+
+def init_distributed(s: Settings) -> Settings:
+    """Join torchrun's process group: NCCL on CUDA (rank on cuda:LOCAL_RANK), gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
+        return s
+    if s.device.startswith("cuda"):
+        s = replace(s, device=f"cuda:{os.environ['LOCAL_RANK']}")
+        torch.cuda.set_device(s.device)
+    dist.init_process_group("nccl" if s.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=s.dist_timeout))
+    return s
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather(obj) -> list:
+    """obj from every rank, in rank order ([obj] in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(tensors: list) -> None:
+    """Sum same-dtype tensors across ranks in place, in one all-reduce."""
+    if dist.is_initialized():
+        flat = torch.cat([t.flatten() for t in tensors])
+        dist.all_reduce(flat)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
+
+# ----------------------------------------------------------------------------------------
 # Checkpoints, logging, plots.
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -984,15 +1043,19 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, update: int, policy: Policy, optimizer, scheduler, pool, rng) -> None:
-    """Adapter (PEFT format), value head, optimizer, scheduler, envs and RNG states; written to
-    a temporary folder, renamed, then `latest` is switched to it."""
+    """Adapter (PEFT format), value head, optimizer, scheduler, and every rank's envs and random
+    generators (gathered; rank 0 writes); written to a temporary folder, renamed, then `latest`
+    is switched to it."""
+    ranks = gather(((pool, rng), generator_states()))
+    if rank_and_world()[0] > 0:
+        return
     folder = run_dir / f"checkpoint-{update:05d}"
 
     def write(tmp: Path):
         ppo.save_adapter(policy.model, tmp)
         torch.save(dict(update=update, value_head=policy.value_head.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state()), tmp / "state.pt")
-        (tmp / "envs.pkl").write_bytes(pickle.dumps((pool, rng)))
+                        scheduler=scheduler.state_dict(), torch_rng=[r[1] for r in ranks]), tmp / "state.pt")
+        (tmp / "envs.pkl").write_bytes(pickle.dumps([r[0] for r in ranks]))
     save_atomically(folder, write)
     write_text_atomically(run_dir / "latest", folder.name)
     for old in run_dir.glob("checkpoint-*"):
@@ -1000,15 +1063,25 @@ def save_checkpoint(run_dir: Path, update: int, policy: Policy, optimizer, sched
             shutil.rmtree(old)
 
 
+def generator_states() -> list:
+    """torch's generators: the CPU one, and the GPU's where sampling runs on one."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [])
+
+
 def load_checkpoint(run_dir: Path, policy: Policy, optimizer, scheduler):
+    rank, world = rank_and_world()
     folder = run_dir / (run_dir / "latest").read_text().strip()
     ppo.load_adapter(policy.model, folder)
     state = torch.load(folder / "state.pt", weights_only=True)
+    if len(state["torch_rng"]) != world:
+        raise SystemExit(f"rl4vlm.py: error: {folder} holds {len(state['torch_rng'])} ranks' state; resume with as many")
     policy.value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    pool, rng = pickle.loads((folder / "envs.pkl").read_bytes())
+    torch.set_rng_state(state["torch_rng"][rank][0])
+    if len(state["torch_rng"][rank]) > 1:
+        torch.cuda.set_rng_state(state["torch_rng"][rank][1])
+    pool, rng = pickle.loads((folder / "envs.pkl").read_bytes())[rank]
     return state["update"], pool, rng
 
 
@@ -1036,9 +1109,10 @@ def plot_curves(path: Path, curves: dict, title: str) -> None:
 # ----------------------------------------------------------------------------------------
 # The run.
 
-def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
-    """Warm start, evaluate, RL, evaluate. Rank-aware: each rank would step its own envs
-    (seeds offset by rank) and only rank 0 logs and writes."""
+def run(s: Settings, task, run_dir: Path) -> dict:
+    """Warm start, evaluate, RL, evaluate. Under torchrun every rank runs this with its own share
+    of the envs (its own stream of episodes); only rank 0 logs and writes."""
+    rank, world = rank_and_world()
     is_main = rank == 0
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     resuming = (run_dir / "latest").exists()
@@ -1056,13 +1130,19 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
     torch.manual_seed(seeds.start)
     rng = np.random.default_rng(seeds.start)
 
+    if rank > 0:
+        dist.barrier()  # rank 0 builds and warm-starts the cached models alone; the others then load them
     policy = warm_started_policy(s, task, log)
+    if is_main and world > 1:
+        dist.barrier()
     model = policy.model.eval()
     if s.grad_checkpointing:
         model.activation_checkpointing_enable()
     wrapped = ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, lora_targets(model, s))
     policy.value_head = ppo.ValueHead(model.config.get_text_config().hidden_size).to(s.device)
     params = ppo.lora_parameters(model) + list(policy.value_head.parameters())
+    for p in params if world > 1 else []:  # every rank starts from rank 0's initialisation
+        dist.broadcast(p.data, src=0)
     batch_size = s.num_envs * s.num_steps
     num_updates = max(1, s.total_steps // batch_size)
     optimizer = torch.optim.AdamW(params, lr=s.lr)
@@ -1072,18 +1152,20 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
     results = json.loads(results_path.read_text()) if resuming else {}
-    pool, start = EnvPool(task.env_id, s.num_envs, seeds), 1
+    pool, start = EnvPool(task.env_id, s.num_envs // world, seeds), 1
     if resuming:
         done, pool, rng = load_checkpoint(run_dir, policy, optimizer, scheduler)
         start = done + 1
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["update"] <= done]
-        write_text_atomically(metrics_path, "".join(l + "\n" for l in kept))
+        if is_main:
+            write_text_atomically(metrics_path, "".join(l + "\n" for l in kept))
         log(f"resuming {run_dir} after update {done}")
     elif is_main:
         metrics_path.write_text("")
     if "warm_start" not in results:
         results["warm_start"] = evaluate(policy, task, s, log, "warm start")
-        write_text_atomically(results_path, json.dumps(results, indent=1))
+        if is_main:
+            write_text_atomically(results_path, json.dumps(results, indent=1))
 
     try:
         for update in range(start, num_updates + 1):
@@ -1107,8 +1189,8 @@ def run(s: Settings, task, run_dir: Path, rank: int = 0) -> dict:
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                if update % s.checkpoint_every == 0 or update == num_updates:
-                    save_checkpoint(run_dir, update, policy, optimizer, scheduler, pool, rng)
+            if update % s.checkpoint_every == 0 or update == num_updates:
+                save_checkpoint(run_dir, update, policy, optimizer, scheduler, pool, rng)
     except KeyboardInterrupt:
         last = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else "none"
         log(f"\ninterrupted; last checkpoint: {last}. Continue with: python rl4vlm.py --resume {run_dir}")
@@ -1140,17 +1222,17 @@ def tasks_of(env: str) -> list:
     return list(envs.TASKS.values()) if env == SUITE else [envs.get_task(name) for name in env.split(",")]
 
 
-def run_suite(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
+def run_suite(s: Settings, tasks, run_dir: Path) -> dict:
     """Each seed, each task in turn (warm start, RL, evaluation) in run_dir/seed<n>/<task>;
     finished runs are skipped and an interrupted one resumes, so --resume works here too."""
     results = {}
     for seed in s.seeds or [s.seed]:
         folder = run_dir / f"seed{seed}"
         for task in tasks:
-            results[task.name, seed] = run_or_load(replace(s, seed=seed, seeds=[]), task, folder / task.name, rank)
-        if rank == 0:
+            results[task.name, seed] = run_or_load(replace(s, seed=seed, seeds=[]), task, folder / task.name)
+        if rank_and_world()[0] == 0:
             plot_curves(folder / "curves.png", {t.name: curve(folder / t.name) for t in tasks}, f"seed {seed}")
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         md, csv = suite_tables(tasks, s.seeds or [s.seed], results, run_dir)
         (run_dir / "results.md").write_text(md + "\n")
         (run_dir / "results.csv").write_text(csv)
@@ -1158,16 +1240,19 @@ def run_suite(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
     return results
 
 
-def run_or_load(s: Settings, task, folder: Path, rank: int) -> dict:
+def run_or_load(s: Settings, task, folder: Path) -> dict:
     """A finished run's results, or run (or resume) it."""
     done = folder / "results.json"
     previous = json.loads(done.read_text()) if done.exists() else {}
-    return previous if "rl" in previous else run(with_task_defaults(s, task), task, folder, rank)
+    return previous if "rl" in previous else run(with_task_defaults(s, task), task, folder)
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def curve(folder: Path) -> tuple[list, list]:
-    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [h["env_steps"] for h in history], [h["success"] for h in history]
+    return [m["env_steps"] for m in metrics(folder)], [m["success"] for m in metrics(folder)]
 
 
 def seed_rows(rows, seeds) -> list[str]:
@@ -1179,12 +1264,6 @@ def seed_rows(rows, seeds) -> list[str]:
         out.append(f"| {' | '.join(labels)} | " + " | ".join(f"{p:.1f}" for p in pct)
                    + f" | {np.mean(pct):.1f} | {min(pct):.1f}-{max(pct):.1f} | {paper} |")
     return out
-
-
-def kl_summary(folders) -> tuple[float, float]:
-    """Median and max of the updates' approx_kl over the runs in `folders`."""
-    kl = [json.loads(line)["approx_kl"] for f in folders for line in (f / "metrics.jsonl").read_text().splitlines()]
-    return float(np.median(kl)), float(np.max(kl))
 
 
 def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
@@ -1199,8 +1278,8 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
     md += ["", "| task | greedy action = expert's: warm start | after RL | approx_kl median | approx_kl max |", "|---|---|---|---|---|"]
     for t in tasks:
         match = [np.mean([results[t.name, seed][stage]["expert_match"] for seed in seeds]) for stage in ("warm_start", "rl")]
-        kl = kl_summary([run_dir / f"seed{seed}" / t.name for seed in seeds])
-        md.append(f"| {t.name} | {100 * match[0]:.1f} | {100 * match[1]:.1f} | {kl[0]:.4f} | {kl[1]:.4f} |")
+        kl = [m["approx_kl"] for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]  # every update
+        md.append(f"| {t.name} | {100 * match[0]:.1f} | {100 * match[1]:.1f} | {np.median(kl):.4f} | {np.max(kl):.4f} |")
     csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"]
     for t in tasks:
         for seed in seeds:
@@ -1214,7 +1293,7 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
     return "\n".join(md), "\n".join(csv) + "\n"
 
 
-def run_ablations(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
+def run_ablations(s: Settings, tasks, run_dir: Path) -> dict:
     """The paper's other two findings, per seed and task: chain of thought against none
     (--ablations cot), and thought_coef (lambda) swept (--ablations lambda). Runs in
     run_dir/seed<n>/<task>-<variant>; the table in ablations.md, plots beside it."""
@@ -1226,10 +1305,10 @@ def run_ablations(s: Settings, tasks, run_dir: Path, rank: int = 0) -> dict:
         for task in tasks:
             for name, change in variants.items():
                 folders[f"{task.name} {name}"] = folder = run_dir / f"seed{seed}" / f"{task.name}-{name.replace(' ', '-')}"
-                results[task.name, name, seed] = run_or_load(replace(s, seed=seed, seeds=[], **change), task, folder, rank)
-        if rank == 0:
+                results[task.name, name, seed] = run_or_load(replace(s, seed=seed, seeds=[], **change), task, folder)
+        if rank_and_world()[0] == 0:
             plot_curves(run_dir / f"seed{seed}" / f"{s.ablations}.png", {k: curve(f) for k, f in folders.items()}, f"seed {seed}")
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         paper = lambda t, name: {"with CoT": t.paper["rl"], "without CoT": t.paper["no_cot"]}.get(name, "")
         md = ["Success % (paper: after RL)", ""] + seed_rows(
             [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds], paper(t, name) if stage == "rl" else "")
@@ -1245,18 +1324,24 @@ def main(argv=None) -> dict:
     run_dir = Path(s.resume) if resume else None
     if resume:  # the run's own settings; the command line only names the run
         s = Settings(**json.loads((run_dir / "settings.json").read_text()))
+    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun
+    if s.num_envs % world or s.minibatch_size % world:
+        sys.exit(f"rl4vlm.py: error: --num-envs and --minibatch-size are global: they must be multiples of the {world} ranks")
+    s = init_distributed(s)
     tasks = tasks_of(s.env)
     name = SUITE if s.env == SUITE else "-".join(t.name for t in tasks)
     seeds = "seeds" + "-".join(map(str, s.seeds)) if s.seeds else f"seed{s.seed}"
-    run_dir = run_dir or Path(s.out_dir) / (s.run_name or f"{name}{'-' + s.ablations if s.ablations else ''}-{seeds}-{int(time.time())}")
+    started = gather(int(time.time()))[0]  # rank 0's clock names the run on every rank
+    run_dir = run_dir or Path(s.out_dir) / (s.run_name or f"{name}{'-' + s.ablations if s.ablations else ''}-{seeds}-{started}")
     if (run_dir / "settings.json").exists() and not resume:
         sys.exit(f"rl4vlm.py: error: {run_dir} holds a run; continue it with --resume {run_dir} or pick another --run-name")
-    rank = int(os.environ.get("RANK", 0))
+    gather(None)  # every rank has looked before rank 0 writes
     if len(tasks) > 1 or s.seeds or s.ablations:  # several runs: run_dir/seed<n>/<task>, tables over them
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
-        return (run_ablations if s.ablations else run_suite)(s, tasks, run_dir, rank)
-    return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir, rank)
+        if rank_and_world()[0] == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
+        return (run_ablations if s.ablations else run_suite)(s, tasks, run_dir)
+    return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from itertools import combinations_with_replacement
 from pathlib import Path
 import json
 import math
+import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import warnings
@@ -208,6 +210,65 @@ def check_prompt_cache(processor):
     for picture, prompt, row in zip(pictures + pictures, prompts + prompts[::-1], first + swapped):
         fresh = rl4vlm.encode_prompt(processor, picture, prompt, "cpu")
         assert row.keys() == fresh.keys() and all(torch.equal(row[k], fresh[k]) for k in fresh), prompt
+
+
+def update_batch(policy):
+    """8 samples of hand-made answers, old log-probs 0.1 off the policy's, fixed advantages and
+    returns (1, 8): the batch of the data-parallel tests."""
+    answers = ['{"action": "+"}', '{"action": "-"}', '{"thoughts": "up", "action": "+"}', "-"] * 2
+    samples = answer_samples(policy, envs.get_task("numberline"), [f"prompt {k}" for k in range(8)], answers)
+    with torch.no_grad():
+        logprobs, values = rl4vlm.logprobs_and_values(policy, *rl4vlm.collate(samples, policy.pad_id)[:3], 0.2)
+    for k, (x, lp, v) in enumerate(zip(samples, logprobs.sum(1).tolist(), values.tolist())):
+        x.logprob, x.value = lp + 0.1 * (-1) ** k, v
+    return samples, torch.linspace(-1.0, 1.0, 8)[None], torch.linspace(0.5, -0.5, 8)[None]
+
+
+def two_rank_job(rank, port, policy_dir, cache, out):
+    """What each of two gloo processes does in the data-parallel tests: (1) one PPO update on
+    its half of update_batch(); (2) a run of 2 updates, the same run stopped during update 2,
+    then resumed. Writes what it saw to out/rank<r>.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    rl4vlm.init_distributed(rl4vlm.Settings(dist_timeout=2.0))
+    policy = rl4vlm.load_policy(str(cache / "builtin-seed1"), "cpu")
+    ppo.load_adapter(policy.model, policy_dir)
+    policy.model.eval()
+    policy.value_head = torch.load(policy_dir / "value_head.pt", weights_only=False)
+    samples, advantages, returns = update_batch(policy)
+    s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, temperature=0.2, target_kl=0)
+    half = slice(4 * rank, 4 * rank + 4)
+    stats = rl4vlm.ppo_update(policy, torch.optim.SGD(trainable(policy), lr=1e-2), samples[half], advantages[:, half],
+                              returns[:, half], s, np.random.default_rng(0))
+    seen = dict(weights=[p.detach() for p in trainable(policy)], stats=stats)
+    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--total-steps", "32", "--checkpoint-every", "1"]
+    seen["full"] = rl4vlm.main(common + ["--run-name", "full"])
+    real_update = rl4vlm.ppo_update
+    rl4vlm.ppo_update = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if rl4vlm.ppo_update.calls.append(1) or \
+        len(rl4vlm.ppo_update.calls) == 2 else real_update(*a)
+    rl4vlm.ppo_update.calls = []
+    try:
+        rl4vlm.main(common + ["--run-name", "stopped"])
+    except SystemExit as e:
+        seen["stopped_code"] = e.code
+    rl4vlm.ppo_update = real_update
+    seen["resumed"] = rl4vlm.main(["--resume", str(out / "stopped")])
+    torch.save(seen, out / f"rank{rank}.pt")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def two_ranks(policy, cache, tmp_path_factory):
+    """two_rank_job in two spawned processes; returns what each saw, and the out folder."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    ppo.save_adapter(policy.model, out / "policy")
+    torch.save(policy.value_head, out / "policy" / "value_head.pt")
+    torch.multiprocessing.spawn(two_rank_job, args=(free_port(), out / "policy", cache, out), nprocs=2)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out
 
 
 def strip_timing(rows):
@@ -1224,6 +1285,8 @@ def test_value_head_float32():
     (["--model", str(HERE)], "no config.json"),
     (["--resume", str(HERE)], "not a run folder"),
     (["--seed", "1000"], "--seed must be in 0..999"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--target-kl", "inf"], "--target-kl must be >= 0, got inf"),
     (["--seeds", "3", "-1"], "--seed must be in 0..999, got -1"),
     (["--dtype", "float64"], "--dtype must be float32, bfloat16 or float16"),
     (["--aux-loss", "on", "--sft-data", "SFT"], "--aux-loss on needs the env's labels"),
@@ -1462,7 +1525,7 @@ def test_perception_heads_learn_the_labels_of_a_small_batch(policy):
     heads = rl4vlm.perception_heads(policy, task, batch, s)
     opt = torch.optim.Adam([p for head in heads.values() for p in head.parameters()], lr=0.1)
     for _ in range(150):
-        loss, stats = rl4vlm.sft_loss(policy, heads, task, *batch, s)
+        loss, stats = rl4vlm.sft_loss(policy, heads, task, batch, s)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1518,7 +1581,7 @@ def test_env_pool_saves_states_not_pictures_and_continues_the_same():
         for i in range(32):
             a, b = pool.step(i, action), copy.step(i, action)
             assert a[:3] == b[:3] and (a[3] is None) == (b[3] is None)
-    assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.next_seed == pool.next_seed
+    assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.started == pool.started
 
 
 @pytest.mark.parametrize("legal", [True, False])
@@ -1635,6 +1698,53 @@ def test_end_to_end_run_writes_metrics_checkpoint_and_resumes_exactly(cache, tmp
     assert strip_timing(read_metrics(stopped)) == strip_timing(rows)
     assert resumed == results or {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in resumed.items()} == \
         {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
+
+
+def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, two_ranks):
+    """One PPO update (2 epochs of 2 minibatches, SGD) on 8 samples in one process, and on 4
+    samples in each of two gloo processes: the same weights within 1e-6, on both ranks alike."""
+    (rank0, rank1), _ = two_ranks
+    samples, advantages, returns = update_batch(policy)
+    before = [p.detach().clone() for p in trainable(policy)]
+    s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, temperature=0.2, target_kl=0)
+    stats = rl4vlm.ppo_update(policy, torch.optim.SGD(trainable(policy), lr=1e-2), samples, advantages, returns, s,
+                              np.random.default_rng(0))
+    after = [p.detach().clone() for p in trainable(policy)]
+    with torch.no_grad():
+        for p, b in zip(trainable(policy), before):
+            p.copy_(b)
+    assert all(torch.equal(a, b) for a, b in zip(rank0["weights"], rank1["weights"]))
+    assert max(float((a - b).abs().max()) for a, b in zip(rank0["weights"], after)) < 1e-6
+    assert not all(torch.equal(a, b) for a, b in zip(before, after)) and stats["optimizer_steps"] == 4
+    assert rank0["stats"] == rank1["stats"]
+    bad = {k: (v, rank0["stats"][k]) for k, v in stats.items() if not math.isclose(rank0["stats"][k], v, rel_tol=1e-5, abs_tol=1e-6)}
+    assert not bad, bad
+
+
+def test_two_ranks_resume_exactly(two_ranks):
+    """A two-rank run stopped during update 2 and resumed writes the update-2 metrics of the
+    uninterrupted two-rank run; only rank 0 writes."""
+    (rank0, rank1), out = two_ranks
+    assert rank0["stopped_code"] == rank1["stopped_code"] == 130
+    assert strip_timing(read_metrics(out / "stopped")) == strip_timing(read_metrics(out / "full"))
+    assert len(read_metrics(out / "full")) == 2 and not (out / "full" / "checkpoint-00001").exists()
+    assert rank0["resumed"]["rl"]["success"] == rank0["full"]["rl"]["success"]
+
+
+def failing_rank_job(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    rl4vlm.init_distributed(rl4vlm.Settings(dist_timeout=0.1))
+    if rank == 1:
+        raise RuntimeError("rank 1 fails")
+    rl4vlm.gather("rank 0 waits for rank 1")
+
+
+def test_a_failing_rank_stops_the_other_instead_of_hanging():
+    context = torch.multiprocessing.start_processes(failing_rank_job, args=(free_port(),), nprocs=2, join=False,
+                                                    start_method="spawn")
+    for process in context.processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in context.processes] == [1, 1], "rank 0 must fail too, not wait"
 
 
 def test_a_seed_of_several_gives_what_it_gives_alone(cache, tmp_path):
