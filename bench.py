@@ -96,10 +96,28 @@ def env_step_seconds(env, steps, rng):
     return (time.perf_counter() - t0) / steps
 
 
+def expert_returns(task, episodes, seed, policy=None):
+    """Episode returns when the expert (or policy(info, np_random) -> action) plays, on the env's
+    own rules but without drawing pictures."""
+    env = task.env_class()
+    env.reset(seed=seed)  # deals the first episode; the same deals as reset(seed=seed), reset(), reset(), ...
+    policy = policy or (lambda info, rng: task.expert(info))
+    returns = []
+    for episode in range(episodes):
+        if episode > 0:
+            env.deal()
+        episode_return, done = 0.0, False
+        while not done and (action := policy(env.info(), env.np_random)) is not None:
+            reward, terminated, truncated = env.play(action)
+            episode_return, done = episode_return + reward, terminated or truncated
+        returns.append(episode_return)
+    return returns
+
+
 def experts(episodes, seed):
     for task in envs.TASKS.values():
-        rate = np.mean([envs.is_success(r) for r in envs.expert_returns(task, episodes, seed)])
-        chance = np.mean([envs.is_success(r) for r in envs.expert_returns(task, episodes, seed,
+        rate = np.mean([envs.is_success(r) for r in expert_returns(task, episodes, seed)])
+        chance = np.mean([envs.is_success(r) for r in expert_returns(task, episodes, seed,
                                                                            lambda info, rng: task.random_action(rng))])
         print(f"{task.name}: expert success {rate:.4f}, random actions {chance:.4f}, over {episodes} episodes (seed {seed})")
     env, played = envs.Points24Env(), []

@@ -200,13 +200,6 @@ class GymCardsEnv(gym.Env):
         self.observation_space = spaces.Box(0, 255, (SIZE, SIZE, 3), np.uint8)
         self.action_space = spaces.Discrete(len(self.actions))
 
-    def __getstate__(self):  # a saved env is its state; the spaces (two 300x300x3 arrays) come from the class
-        return {k: v for k, v in self.__dict__.items() if k not in ("observation_space", "action_space")}
-
-    def __setstate__(self, state):
-        GymCardsEnv.__init__(self, state["render_mode"])
-        self.__dict__.update(state)
-
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.deal()
@@ -687,21 +680,3 @@ def get_task(name):
 
 def is_success(episode_return):
     return episode_return > 0
-
-
-def expert_returns(task, episodes, seed, policy=None):
-    """Episode returns when the expert (or policy(info, np_random) -> action) plays, on the env's
-    own rules but without drawing pictures."""
-    env = task.env_class()
-    env.reset(seed=seed)  # deals the first episode; the same deals as reset(seed=seed), reset(), reset(), ...
-    policy = policy or (lambda info, rng: task.expert(info))
-    returns = []
-    for episode in range(episodes):
-        if episode > 0:
-            env.deal()
-        episode_return, done = 0.0, False
-        while not done and (action := policy(env.info(), env.np_random)) is not None:
-            reward, terminated, truncated = env.play(action)
-            episode_return, done = episode_return + reward, terminated or truncated
-        returns.append(episode_return)
-    return returns

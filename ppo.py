@@ -4,19 +4,14 @@ The policy's log-prob of an answer is lambda * (thought tokens) + (action tokens
 computed by the caller (rl4vlm.py); everything here sees only per-sample numbers.
 
 Departures from textbook PPO (Schulman et al. 2017) and from CleanRL's ppo.py:
-1. Truncation bootstraps. compute_gae takes next_values per step, where for a
-   truncated step V(s_{t+1}) is the value of the episode's final observation;
-   only termination cuts the bootstrap (CleanRL treats both as termination).
-2. No advantage normalisation inside ppo_loss: the caller normalises per
-   minibatch if it wants, so at ratio 1 the policy loss is exactly -mean(adv).
-3. The value loss is clipped with clip_coef (as CleanRL and the RL4VLM code do),
-   not with a separate value-clip range, and is weighted by vf_coef.
-4. approx_kl is the (ratio - 1) - log ratio estimator; explained_variance is of
-   the rollout's values (old_values) against the returns, as CleanRL logs it.
-5. LoRA adapters are kept in float32 whatever the base model's dtype (PEFT does
-   the same) so that small updates are not rounded away in bfloat16.
-6. The value head (H -> 1024 -> 512 -> 1, as in the RL4VLM code) runs in float32
-   rather than float16.
+1. Truncation bootstraps: for a truncated step next_values holds V of the episode's final
+   observation; only termination cuts the bootstrap (CleanRL treats both as termination).
+2. No advantage normalisation inside ppo_loss (the caller normalises per minibatch), so at
+   ratio 1 the policy loss is exactly -mean(adv).
+3. The value loss is clipped with clip_coef (as CleanRL and the RL4VLM code do).
+4. approx_kl is (ratio - 1) - log ratio; explained_variance is of the rollout's values.
+5. LoRA adapters and the value head (H -> 1024 -> 512 -> 1, as in the RL4VLM code) stay in
+   float32 whatever the base model's dtype, so small updates are not rounded away.
 """
 import json
 import math
@@ -62,7 +57,7 @@ def explained_variance(values, returns):
 
 
 def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns,
-             clip_coef=0.1, vf_coef=0.5, clip_vloss=True):
+             clip_coef=0.1, vf_coef=0.5):
     """The clipped PPO loss on one minibatch of (B,) tensors -> (loss, stats of floats)."""
     tensors = (new_logprobs, old_logprobs, advantages, new_values, old_values, returns)
     assert len({x.shape for x in tensors}) == 1, f"shapes differ: {[tuple(x.shape) for x in tensors]}"
@@ -72,12 +67,8 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()  # pessimistic bound: clipping only ever removes gain
 
-    v_loss_unclipped = (new_values - returns) ** 2
-    if clip_vloss:
-        v_clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
-        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - returns) ** 2).mean()
-    else:
-        v_loss = 0.5 * v_loss_unclipped.mean()
+    v_clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
+    v_loss = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
     loss = pg_loss + vf_coef * v_loss
 
     with torch.no_grad():
@@ -143,7 +134,8 @@ def add_lora(model, rank, alpha, dropout, targets):
     if not isinstance(targets, str):
         targets = r"(^|\.)(" + "|".join(map(re.escape, targets)) + r")$"
     names = [n for n, m in model.named_modules() if n and type(m) is nn.Linear and re.search(targets, n)]
-    assert names, f"no nn.Linear module name matches {targets!r}"
+    if not names:
+        raise ValueError(f"no nn.Linear module name matches {targets!r}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -201,13 +193,14 @@ def load_adapter(model, folder):
     """Load a PEFT LoRA adapter; if the model has no LoRA layers yet, add them as the config says."""
     with open(os.path.join(folder, CONFIG_NAME)) as f:
         config = json.load(f)
-    assert config.get("peft_type") == "LORA", f"not a LoRA adapter: peft_type={config.get('peft_type')!r}"
     options = ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
-    unsupported = {k: config[k] for k in options if config.get(k)}
-    assert not unsupported and config.get("bias", "none") == "none", f"unsupported PEFT options: {unsupported}"
+    unsupported = {k: config[k] for k in options if config.get(k)} | ({} if config.get("bias", "none") == "none" else
+                                                                       {"bias": config["bias"]})
     tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
     bad = [k for k in tensors if not (k.startswith(PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight")))]
-    assert not bad, f"keys that are not PEFT LoRA weights: {bad[:5]}"
+    if config.get("peft_type") != "LORA" or unsupported or bad:
+        raise ValueError(f"not a plain LoRA adapter: peft_type {config.get('peft_type')!r}, unsupported options "
+                         f"{unsupported}, keys that are not LoRA weights {bad[:5]}")
     if not lora_modules(model):
         names = sorted({k[len(PREFIX):].rsplit(".", 2)[0] for k in tensors})
         targets = "^(" + "|".join(map(re.escape, names)) + ")$"
@@ -215,14 +208,15 @@ def load_adapter(model, folder):
     modules = lora_modules(model)
     expected = {f"{PREFIX}{n}.{ab}.weight" for n, _ in modules for ab in ("lora_A", "lora_B")}
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    assert not missing and not unexpected, \
-        f"adapter does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+    wrong = [f"{n}.{ab}" for n, m in modules for ab in ("lora_A", "lora_B") if f"{PREFIX}{n}.{ab}.weight" in tensors
+             and getattr(m, ab).weight.shape != tensors[f"{PREFIX}{n}.{ab}.weight"].shape]
+    wrong += [n for n, m in modules if m.scaling != config["lora_alpha"] / config["r"]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"adapter does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"other shape or scaling {wrong[:5]}")
     for name, m in modules:
-        assert m.scaling == config["lora_alpha"] / config["r"], f"{name}: scaling differs from the file's"
         for ab in ("lora_A", "lora_B"):
-            weight, saved = getattr(m, ab).weight, tensors[f"{PREFIX}{name}.{ab}.weight"]
-            assert weight.shape == saved.shape, f"{name}.{ab}: {weight.shape} vs {saved.shape}"
-            weight.copy_(saved)
+            getattr(m, ab).weight.copy_(tensors[f"{PREFIX}{name}.{ab}.weight"])
 
 
 # -----------------------------------------------------------------------------

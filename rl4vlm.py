@@ -10,35 +10,24 @@ fine-tunes the VLM through LoRA, with
     log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens).
 The paper first warm-starts the model with supervised answers (SFT), then runs RL.
 
-This file holds the settings, model loading (and the built-in tiny VLM), generation,
-log-probs, the warm start, rollouts, the PPO update, evaluation, checkpoints and the command
-line, in that order. envs.py holds the tasks, parse.py text -> action, ppo.py the maths.
-Any Hugging Face image-text-to-text model with a chat template can be the policy (--model): its
-processor and config say everything model-specific (chat format, image inputs, special and stop
-tokens, hidden size, which submodule is the language model that LoRA wraps).
+This file, in order: settings, models (the built-in tiny VLM, loading any Hugging Face
+image-text-to-text model), prompts, generation and log-probs, random streams and envs, the warm
+start, rollout, PPO update and evaluation, torchrun data parallelism, checkpoints, the run and
+the command line. envs.py holds the tasks, parse.py text -> action, ppo.py the maths.
 
-Where this departs from the paper or from textbook PPO:
-1. The default policy is a tiny LLaVA built here from a config (nothing can be downloaded).
-   It starts from random weights, so its warm start adds an auxiliary perception loss: a
-   linear head on the projected image features predicts what the picture shows. Only the
-   built-in model gets it (--aux-loss), and the README says so.
-2. The warm start is imperfect on purpose, so that RL has a job, as after the paper's SFT: its
-   states follow the expert with random detours, its answers read the picture correctly and
-   think truly (the Points tasks state the expert's plan), but only a per-task share of them
-   (--sft-expert: 0 for NumberLine and Blackjack) takes the expert's action, the rest a random one.
-3. The tiny model uses its own hyper-parameters where the 7B ones do not fit it (learning
-   rate, LoRA rank, gradient clipping, a KL guard on each update); the README lists them.
-4. A sample whose text names no legal action counts all its tokens as thought tokens: the
-   random action played instead is not the model's choice. Tokens after the start of the
-   action value (closing quote, brace, end of turn) count as action tokens.
-5. Old log-probs and values come from the sampling pass itself (generate's raw logits and its
-   prompt pass), not from a second forward. Special tokens suppressed while sampling are
-   masked in the loss too, so sampling and training use one distribution.
+Where this departs from the paper or from textbook PPO (the README says more):
+1. The default policy is a tiny LLaVA built here from random weights; its warm start adds an
+   auxiliary perception loss (--aux-loss) and is imperfect on purpose (--sft-expert: a per-task
+   share of its answers takes the expert's action, the rest a random one), so RL has a job.
+2. The tiny model has its own hyper-parameters (learning rate, LoRA rank, a KL guard).
+3. A text that names no legal action counts all its tokens as thought tokens: the random
+   action played instead is not the model's choice.
+4. Old log-probs and values come from the sampling pass itself, not from a second forward;
+   special tokens suppressed while sampling are masked in the loss too: one distribution.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import itertools
 import json
@@ -51,6 +40,7 @@ import sys
 import time
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from datetime import timedelta
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -61,6 +51,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 import envs
 import parse
@@ -73,8 +65,11 @@ BUILTIN = "builtin"
 # Settings: one dataclass, turned into argparse flags. None means "the task's default"
 # (envs.Task.defaults), so per-task settings live in the task table, not in branches.
 
-def _opt(default, help, type=None):
-    return field(default=default, metadata={"help": help, "type": type})
+def _opt(default, help, type=None, check=None):
+    return field(default=default, metadata={"help": help, "type": type, "check": check})
+
+
+CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
 
 
 @dataclass
@@ -90,48 +85,50 @@ class Settings:
     device: str = _opt("cpu", "torch device")
     dtype: str = _opt("float32", "model weights: float32, bfloat16 or float16 (LoRA, value head, PPO maths: float32)")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
-    threads: int = _opt(1, "torch CPU threads: 1 gives the same numbers on any number of cores, 0 takes torch's default (all cores)")
-    dist_timeout: float = _opt(30.0, "under torchrun: minutes a rank waits for the others before the job fails")
+    threads: int = _opt(1, "torch CPU threads: 1 gives the same numbers on any number of cores, 0 takes torch's default (all cores)", check=">= 0")
+    dist_timeout: float = _opt(30.0, "under torchrun: minutes a rank waits for the others before the job fails", check="> 0")
     # the method
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
-    thought_coef: float = _opt(0.5, "lambda: weight of the thought tokens' log-prob in log pi(a|s)")
-    temperature: float = _opt(0.2, "sampling temperature, also applied in the loss (as in the paper)")
-    max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int)
-    format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action")
-    target_kl: float = _opt(0.05, "stop an update's epochs at the first minibatch whose approx_kl exceeds this, before its step (0: never)")
+    thought_coef: float = _opt(0.5, "lambda: weight of the thought tokens' log-prob in log pi(a|s)", check=">= 0")
+    temperature: float = _opt(0.2, "sampling temperature, also applied in the loss (as in the paper)", check="> 0")
+    max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int, check="> 0")
+    format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action", check=">= 0")
+    target_kl: float = _opt(0.05, "stop an update's epochs at the first minibatch whose approx_kl exceeds this, before its step (0: never)", check=">= 0")
     # rollouts
-    num_envs: int = _opt(32, "environments stepped in parallel, one prompt each; under torchrun the global count, split across the ranks")
-    num_steps: int = _opt(None, "steps per env per update (default: the task's)", int)
-    total_steps: int = _opt(None, "env steps of RL in all (default: the task's)", int)
+    num_envs: int = _opt(32, "environments stepped in parallel, one prompt each; under torchrun the global count, split across the ranks", check="> 0")
+    num_steps: int = _opt(None, "steps per env per update (default: the task's)", int, check="> 0")
+    total_steps: int = _opt(None, "env steps of RL in all (default: the task's)", int, check="> 0")
     # PPO
-    gamma: float = _opt(0.9, "discount")
-    gae_lambda: float = _opt(0.95, "GAE lambda")
-    clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss")
-    update_epochs: int = _opt(4, "PPO epochs per update")
-    minibatch_size: int = _opt(128, "samples per optimizer step (global under torchrun)")
-    micro_batch: int = _opt(32, "samples per forward pass on each rank (gradients are accumulated)")
-    vf_coef: float = _opt(0.5, "value-loss coefficient")
-    max_grad_norm: float = _opt(1.0, "gradient clipping (paper: 0.01 for the 7B model)")
-    lr: float = _opt(1e-3, "learning rate of LoRA and value head, cosine-annealed (paper: 1e-5)")
-    lr_min: float = _opt(1e-9, "final learning rate of the cosine schedule")
-    lora_rank: int = _opt(8, "LoRA rank (paper: 128)")
-    lora_alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha / rank (paper: 256)")
-    lora_dropout: float = _opt(0.0, "LoRA dropout (paper: 0.05)")
+    gamma: float = _opt(0.9, "discount", check="in [0, 1]")
+    gae_lambda: float = _opt(0.95, "GAE lambda", check="in [0, 1]")
+    clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss", check="> 0")
+    update_epochs: int = _opt(4, "PPO epochs per update", check="> 0")
+    minibatch_size: int = _opt(128, "samples per optimizer step (global under torchrun)", check="> 0")
+    micro_batch: int = _opt(32, "samples per forward pass on each rank (gradients are accumulated)", check="> 0")
+    vf_coef: float = _opt(0.5, "value-loss coefficient", check=">= 0")
+    max_grad_norm: float = _opt(1.0, "gradient clipping (paper: 0.01 for the 7B model)", check="> 0")
+    lr: float = _opt(1e-3, "learning rate of LoRA and value head, cosine-annealed (paper: 1e-5)", check="> 0")
+    lr_min: float = _opt(1e-9, "final learning rate of the cosine schedule", check=">= 0")
+    lora_rank: int = _opt(8, "LoRA rank (paper: 128)", check="> 0")
+    lora_alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha / rank (paper: 256)", check="> 0")
+    lora_dropout: float = _opt(0.0, "LoRA dropout (paper: 0.05)", check="in [0, 1]")
     lora_targets: str = _opt("", "regex of the linear layers LoRA wraps (default: the language model's)")
     lora_vision: bool = _opt(False, "LoRA on the vision tower's linear layers too (unless --lora-targets is given)")
     # warm start (the paper's SFT step)
-    sft_steps: int = _opt(None, "warm-start steps (default: the task's; 0 skips it)", int)
-    sft_batch: int = _opt(32, "warm-start batch size")
-    sft_lr: float = _opt(1e-3, "warm-start learning rate")
-    sft_expert: float = _opt(None, "share of warm-start answers whose action is the expert's, the rest random: how imperfect the warm start is (default: the task's)", float)
-    sft_follow: float = _opt(0.75, "share of moves that follow the expert while the warm start gathers its states, the rest random")
+    sft_steps: int = _opt(None, "warm-start steps (default: the task's; 0 skips it)", int, check=">= 0")
+    sft_batch: int = _opt(32, "warm-start batch size", check="> 0")
+    sft_lr: float = _opt(1e-3, "warm-start learning rate", check="> 0")
+    sft_expert: float = _opt(None, "share of warm-start answers whose action is the expert's, the rest random: how imperfect the warm start is (default: the task's)", float, check="in [0, 1]")
+    sft_follow: float = _opt(0.75, "share of moves that follow the expert while the warm start gathers its states, the rest random", check="in [0, 1]")
     sft_data: str = _opt("", 'warm start on a JSONL file of {"image": path, "prompt": ..., "answer": ...} lines')
     aux_loss: str = _opt("auto", "auxiliary perception loss in the warm start: auto (built-in model, no --sft-data), on, off")
     ablations: str = _opt("", "instead of plain runs: cot (each task with and without chain of thought) or lambda (thought_coef 0, 0.2, 0.5, 1)")
     # evaluation and checkpoints
-    eval_episodes: int = _opt(500, "held-out episodes per evaluation")
-    eval_envs: int = _opt(256, "environments each rank steps in parallel while evaluating (no gradients: larger batches pay)")
-    checkpoint_every: int = _opt(5, "updates between checkpoints (and one after the last)")
+    eval_episodes: int = _opt(500, "held-out episodes per evaluation", check="> 0")
+    eval_envs: int = _opt(256, "environments each rank steps in parallel while evaluating (no gradients: larger batches pay)", check="> 0")
+    checkpoint_every: int = _opt(5, "updates between checkpoints (and one after the last)", check="> 0")
+    episodes: bool = _opt(True, "after each evaluation write episodes-<stage>.md: the first held-out episodes, step by step")
+    keep_checkpoints: int = _opt(2, "the newest checkpoints kept: an older one stays until a newer one is complete", check="> 0")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,17 +158,10 @@ def check_settings(s: Settings) -> None:
     """Reject bad values (nan and inf too) before any work. Raises ValueError with a one-line reason."""
     tasks_of(s.env)  # ValueError lists the tasks
     flag = lambda name: "--" + name.replace("_", "-")
-    rules = [("> 0", lambda v: v > 0, ["num_envs", "num_steps", "total_steps", "update_epochs", "minibatch_size",
-                                       "micro_batch", "max_new_tokens", "lora_rank", "sft_batch", "eval_episodes",
-                                       "eval_envs", "checkpoint_every", "temperature", "lr", "sft_lr", "clip_coef",
-                                       "max_grad_norm", "lora_alpha", "dist_timeout"]),
-             ("in [0, 1]", lambda v: 0 <= v <= 1, ["gamma", "gae_lambda", "lora_dropout", "sft_expert", "sft_follow"]),
-             (">= 0", lambda v: v >= 0, ["thought_coef", "vf_coef", "format_penalty", "threads", "lr_min", "target_kl",
-                                         "sft_steps"])]
-    for rule, ok, names in rules:
-        for name in names:
-            if getattr(s, name) is not None and not (ok(getattr(s, name)) and math.isfinite(getattr(s, name))):
-                raise ValueError(f"{flag(name)} must be {rule}, got {getattr(s, name)}")
+    for f in fields(Settings):
+        value, rule = getattr(s, f.name), f.metadata["check"]
+        if rule and value is not None and not (math.isfinite(value) and CHECKS[rule](value)):
+            raise ValueError(f"{flag(f.name)} must be {rule}, got {value}")
     for seed in [s.seed, *s.seeds]:
         if not 0 <= seed < MAX_SEED:
             raise ValueError(f"--seed must be in 0..{MAX_SEED - 1}, got {seed}")
@@ -221,6 +211,9 @@ def with_task_defaults(s: Settings, task) -> Settings:
 
 # ----------------------------------------------------------------------------------------
 # Model. The built-in tiny VLM is saved once and then loaded exactly as a hub checkpoint is.
+# The built-in tokenizer and the warm-start data follow from envs.py's texts, so the cached
+# models are keyed by a digest of it.
+TEXTS = hashlib.sha256(Path(envs.__file__).read_bytes()).hexdigest()[:8]
 
 def task_corpus(seed: int, episodes: int = 100) -> list[str]:
     """Prompts and answers of every task, with and without chain of thought, from play that
@@ -239,13 +232,6 @@ def task_corpus(seed: int, episodes: int = 100) -> list[str]:
                 _, _, terminated, truncated, info = env.step(action)
                 done = terminated or truncated
     return texts
-
-
-@functools.cache
-def text_version() -> str:
-    """A digest of the tasks' prompts and answers: the built-in tokenizer and the warm-start data
-    follow from them, so their cached models are keyed by it."""
-    return hashlib.sha256("\n".join(task_corpus(0, episodes=5)).encode()).hexdigest()[:8]
 
 
 def build_builtin(folder: Path, seed: int) -> None:
@@ -291,18 +277,32 @@ def build_builtin(folder: Path, seed: int) -> None:
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=template)
-    save_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
+    write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
 
 
-def save_atomically(folder: Path, write) -> None:
-    """write(tmp_folder), then rename it to `folder`: a reader never sees half a folder."""
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def write_atomically(path: Path, write) -> None:
+    """write(tmp), a file or a folder beside `path`; flush it to disk, rename it to `path`, flush
+    the folder: after a crash `path` is the old one or the new one, never half of either."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     write(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    for name in [*tmp.rglob("*"), tmp]:
+        flush(name)
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    flush(path.parent)
+
+
+def flush(path: Path) -> None:
+    """fsync a file or a folder (a folder's entries: a rename in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 @dataclass
@@ -327,18 +327,19 @@ def load_policy(path: str, device: str, dtype: str = "float32") -> Policy:
     not an image-text-to-text model with a chat template."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    try:
+    advice = "check the name, or if it is a cached model, delete the folder to build it again"
+    with damaged(Path(path), advice):
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"rl4vlm.py: error: cannot load model {path!r}: {str(e).splitlines()[0]}") from e
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise SystemExit(f"rl4vlm.py: error: {path!r} is a {config.model_type!r} model, not an image-text-to-text VLM")
-    processor = AutoProcessor.from_pretrained(path)
+    with damaged(Path(path), advice):
+        processor = AutoProcessor.from_pretrained(path)
     if not getattr(processor, "chat_template", None):
         raise SystemExit(f"rl4vlm.py: error: {path!r} has no chat template")
+    with damaged(Path(path), advice):
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     if processor.tokenizer.pad_token is None:  # e.g. Mistral's; padding is always masked, so EOS can stand in
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     # Sampling must draw from exactly the distribution the loss uses: drop the checkpoint's
     # generation defaults (top_k, top_p, repetition penalty...), keep only its stop tokens.
     eos = model.generation_config.eos_token_id or processor.tokenizer.eos_token_id
@@ -385,24 +386,22 @@ class TensorCache:
 
 # The processor's work (resizing the picture, the chat template, tokenizing) is done once per
 # distinct (picture, prompt) pair: states repeat (NumberLine has 36), and so do their pictures.
-PROMPT_CACHE_BYTES = 256 * 2**20
-_prompt_caches = weakref.WeakKeyDictionary()  # processor -> TensorCache
+_prompt_caches = weakref.WeakKeyDictionary()  # processor -> TensorCache of 256 MB
 
 
 def encode_prompts(processor, images, prompts: list[str], device) -> list[dict]:
     """encode_prompt for each (picture, prompt) pair, from the cache when the pair came before.
     The rows are shared, so nothing may change them in place."""
-    cache = _prompt_caches.setdefault(processor, TensorCache(PROMPT_CACHE_BYTES))
+    cache = _prompt_caches.setdefault(processor, TensorCache(256 * 2**20))
     return [cache.get((hashlib.sha1(np.ascontiguousarray(image)).digest(), image.shape, prompt, str(device)),
                       lambda: encode_prompt(processor, image, prompt, device))
             for image, prompt in zip(images, prompts)]
 
 
 def pad_prompts(rows: list[dict], pad_id: int) -> dict:
-    """Per-sample prompts -> one batch. Tensors shaped like input_ids (1, P) are per token
-    (attention mask, token type ids): padded on the left, input_ids with pad_id, the rest with 0.
-    The others (pixel values, image sizes or grids) are concatenated, their dim 1 (crops or
-    patches, which vary with a picture's size) zero-padded at the end, as processors batch them."""
+    """Per-sample prompts -> one batch. Tensors shaped like input_ids (1, P) are per token: padded
+    on the left (input_ids with pad_id, the rest with 0). The others (pixels, image sizes or grids)
+    are concatenated, their dim 1 (crops or patches) zero-padded at the end, as processors do."""
     batch = {}
     for key in rows[0]:
         xs = [r[key] for r in rows]
@@ -438,11 +437,9 @@ def pad_answers(answers: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor,
 
 
 def position_ids(model, ids, mask, extra: dict):
-    """The position ids generate() gives a left-padded batch: counted from each row's first real
-    token, 3-D for Qwen2-VL's multimodal RoPE. transformers has no public route to them, so this
-    is the one call of a private method, the one generate() uses itself; the tests that match
-    the sampling pass's log-probs against forward() for every model family fail if it changes,
-    and test_position_ids_count_from_the_first_real_token checks it by hand."""
+    """The position ids generate() gives a left-padded batch (from each row's first real token; 3-D
+    for Qwen2-VL). No public route exists, so this is the one private transformers call; a hand
+    check (test_position_ids_count_from_the_first_real_token) and the per-family log-prob tests guard it."""
     return model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
 
 
@@ -475,12 +472,9 @@ def logprobs_and_values(policy: Policy, prompt: dict, gen_ids, gen_mask, tempera
 
 
 def action_start(tokenizer, gen_ids: list[int], span) -> int:
-    """The index of the first action token: the token holding the first character of the
-    action value. The split comes from character offsets of the decoded text (the same text
-    parse.py read), never from token ids. span: parse.py's (start, end) of the action value,
-    or None (then every token is a thought token). It is the first i whose decoded prefix
-    gen_ids[:i + 1] reaches past span[0]; prefixes only grow, so a bisection finds it with
-    log2(len) decodes, not len."""
+    """Index of the first action token, the one holding the action value's first character (span:
+    parse.py's (start, end) in the decoded text; None: every token is thought). Found from the
+    lengths of decoded prefixes, never from token ids, by bisection: prefixes only grow."""
     if span is None:
         return len(gen_ids)
     lo, hi = 0, len(gen_ids)
@@ -591,7 +585,7 @@ class EnvPool:
     def __init__(self, env_id: str, num_envs: int, seeds: range):
         # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
         self.envs = [gym.make(env_id, disable_env_checker=True) for _ in range(num_envs)]
-        self.seeds, self.started = seeds, 0  # episodes started
+        self.seeds, self.started, self.episode = seeds, 0, [0] * num_envs  # episodes started; each env's
         self.obs, self.infos = [None] * num_envs, [None] * num_envs
         self.returns = np.zeros(num_envs)
         for i in range(num_envs):
@@ -601,7 +595,7 @@ class EnvPool:
         if self.started == len(self.seeds):
             raise RuntimeError(f"the stream's {len(self.seeds):,} episode seeds are used up")
         self.obs[i], self.infos[i] = self.envs[i].reset(seed=self.seeds[self.started])
-        self.started += 1
+        self.episode[i], self.started = self.started, self.started + 1
         self.returns[i] = 0.0
 
     def step(self, i: int, action: int):
@@ -617,27 +611,35 @@ class EnvPool:
             self.obs[i], self.infos[i] = obs, info
         return reward, terminated, truncated, ended
 
-    def __getstate__(self):  # a checkpoint keeps the envs' states, not their 32 pictures
-        return {**self.__dict__, "obs": None}
+    def state(self) -> dict:
+        """The pool as JSON data, for checkpoints: each env's game, generator and time-limit count
+        (no pictures: they are drawn again)."""
+        return dict(started=self.started, episode=self.episode, returns=self.returns.tolist(), envs=[dict(
+            game={k: v for k, v in vars(env.unwrapped).items() if k not in ENV_FRAME},
+            rng=env.unwrapped.np_random.bit_generator.state, steps=env._elapsed_steps) for env in self.envs])
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.obs = [env.unwrapped.render() for env in self.envs]
+    def load_state(self, state: dict) -> None:
+        self.started, self.episode, self.returns = state["started"], state["episode"], np.array(state["returns"], dtype=float)
+        for env, saved in zip(self.envs, state["envs"], strict=True):
+            vars(env.unwrapped).update(saved["game"])
+            env.unwrapped.np_random.bit_generator.state = saved["rng"]
+            env._elapsed_steps = saved["steps"]
+        self.obs, self.infos = [env.unwrapped.render() for env in self.envs], [env.unwrapped.info() for env in self.envs]
+
+
+ENV_FRAME = {"render_mode", "observation_space", "action_space", "spec", "_np_random", "_np_random_seed"}  # not game state
 
 
 # ----------------------------------------------------------------------------------------
 # Warm start (the paper's SFT step).
 
 def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
-    """Supervised answers: written by envs.py for states of play (states_batches), or rows of
-    the --sft-data file (file_batches). Trains whatever requires grad (all weights, or LoRA).
-    With `aux` (states of play only: a file has no labels), linear heads predict the state's
-    labels (what the picture shows) from
-    (1) the flattened projected image features: a from-scratch VLM does not learn to read its
-        picture from language loss alone (measured), and
-    (2) the last prompt token's hidden state, the value head's input: the answer's first token
-        is the same for every state, so nothing else makes that position carry the state.
-    The heads are dropped after the warm start."""
+    """Supervised answers written by envs.py for states of play (states_batches), or the rows of
+    the --sft-data file (file_batches); trains whatever requires grad (all weights, or LoRA).
+    With `aux` (states of play only), linear heads predict the state's labels from (1) the
+    projected image features: a from-scratch VLM does not learn to read its picture from the
+    language loss alone (measured), and (2) the last prompt token's hidden state, the value
+    head's input, which nothing else makes carry the state. The heads are dropped after."""
     if aux and s.sft_data:
         raise ValueError("the perception loss needs the env's labels, which --sft-data does not have")
     batches = file_batches(s, rng) if s.sft_data else states_batches(task, s, rng)
@@ -735,7 +737,8 @@ def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
     head = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
                                          tokenize=False)
-    assert full.startswith(head), "chat template: the assistant turn does not extend the generation prompt"
+    if not full.startswith(head):
+        raise ValueError("the chat template's assistant turn does not extend its generation prompt")
     turn = full[len(head):]  # cut after the first stop token, as generation stops there
     cuts = [i + len(t) for t in stop_tokens or [processor.tokenizer.eos_token] if (i := turn.find(t, len(answer))) >= 0]
     return turn[:min(cuts)] if cuts else turn
@@ -749,7 +752,7 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
     cache = Path(s.cache_dir)
     base = s.model
     if s.model == BUILTIN:
-        base = str(cache / f"builtin-{text_version()}-seed{s.seed}")
+        base = str(cache / f"builtin-{TEXTS}-seed{s.seed}")
         if not (Path(base) / "config.json").exists():
             log(f"building the built-in tiny VLM in {base}")
             with torch.random.fork_rng(devices=[]):
@@ -758,14 +761,11 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
         return load_policy(base, s.device, s.dtype)
     full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
     aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
-    key = dict(model=s.model, env=task.env_id, cot=s.cot, sft_steps=s.sft_steps, sft_batch=s.sft_batch,
-               sft_lr=s.sft_lr, sft_expert=s.sft_expert, sft_follow=s.sft_follow, aux=aux, seed=s.seed,
-               texts=text_version(), episodes=stream("warm_start", s.seed).start, max_grad_norm=s.max_grad_norm)
-    # settings that shape only some warm starts join the key only when they do, so older entries stay valid
-    key.update({k: v for k, v in dict(
-        dtype=s.dtype, sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
-        lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision],
-    ).items() if v not in (None, "", "float32")})
+    key = dict(model=s.model, env=task.env_id, cot=s.cot, sft_steps=s.sft_steps, sft_batch=s.sft_batch, sft_lr=s.sft_lr,
+               sft_expert=s.sft_expert, sft_follow=s.sft_follow, aux=aux, seed=s.seed, texts=TEXTS,
+               episodes=stream("warm_start", s.seed).start, max_grad_norm=s.max_grad_norm, dtype=s.dtype,
+               sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
+               lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision])
     folder = cache / ("sft-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     if not (folder / "config.json").exists():
         policy = load_policy(base, s.device, s.dtype)
@@ -783,8 +783,8 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
             if not full:
                 ppo.merge_lora(policy.model)
         info = dict(key, **stats, seconds=round(time.time() - t0, 1))
-        save_atomically(folder, lambda tmp: (policy.model.save_pretrained(tmp), policy.processor.save_pretrained(tmp),
-                                             (tmp / "warm_start.json").write_text(json.dumps(info, indent=1))))
+        write_atomically(folder, lambda tmp: (policy.model.save_pretrained(tmp), policy.processor.save_pretrained(tmp),
+                                              (tmp / "warm_start.json").write_text(json.dumps(info, indent=1))))
     log(f"warm-started model: {folder}")
     return load_policy(str(folder), s.device, s.dtype)
 
@@ -796,7 +796,8 @@ def lora_targets(model, s: Settings) -> str:
         return s.lora_targets
     parts = [model.get_decoder()] + ([model.get_encoder(modality="image")] if s.lora_vision else [])
     names = {id(m): name for name, m in model.named_modules()}
-    assert all(names.get(id(p)) for p in parts), "cannot find the language model or vision tower: give --lora-targets"
+    if not all(names.get(id(p)) for p in parts):
+        raise ValueError("cannot find the language model or vision tower: give --lora-targets")
     return "^(" + "|".join(re.escape(names[id(p)]) + r"\." for p in parts) + ")"
 
 
@@ -854,20 +855,19 @@ def rollout(policy: Policy, task, pool: EnvPool, s: Settings, rng) -> Rollout:
     stats = dict(episodes=len(episode_returns),
                  success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
                  mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
-                 format_fail=float(np.mean([not x.format_ok for x in every])), **diagnostics(every, task.actions))
+                 format_fail=float(np.mean([not x.format_ok for x in every])), **diagnostics(every, task.actions),
+                 answer=every[0].text)  # one answer of the batch, to see the thoughts change
     return Rollout(samples, rewards, values, next_values, terminated, truncated, stats)
 
 
 def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, returns, s: Settings, rng) -> dict:
-    """update_epochs passes over the batch in shuffled minibatches (micro-batches accumulate).
-    advantages, returns: (num_steps, num_envs of this rank), step-major like `samples`.
-    The KL guard (CleanRL's target_kl, checked before each step rather than after each epoch):
-    at the first minibatch whose approx_kl exceeds target_kl, its step is not taken and the
-    update ends. Statistics are means over the minibatches measured.
-    Under torchrun the batch is global: rank r holds samples r * n .. r * n + n - 1, everyone
-    follows rank 0's minibatch order, normalises advantages over the whole minibatch and
-    computes the loss of its own samples in it; gradients and statistics are summed across
-    ranks, so every rank takes the step one process would take on the whole batch."""
+    """update_epochs passes over the batch in shuffled minibatches (micro-batches accumulate);
+    advantages, returns: (num_steps, num_envs of this rank), step-major like `samples`. The KL
+    guard (CleanRL's target_kl, checked before each step): at the first minibatch whose approx_kl
+    exceeds target_kl, no step and the update ends. Statistics: means over the minibatches measured.
+    Under torchrun the batch is global (rank r holds samples r * n .. r * n + n - 1): every rank
+    follows rank 0's minibatch order and normalises over the whole minibatch; gradients and
+    statistics are summed across ranks, so each takes the step one process would take."""
     rank, world = rank_and_world()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     n = len(samples)
@@ -928,15 +928,16 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, task, s: Settings, log, label: str) -> dict:
+def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | None = None) -> dict:
     """s.eval_episodes episodes of the evaluation stream (held-out deals), sampled as in
     training; under torchrun rank r plays episodes r, r + N, r + 2N... and the results are
-    gathered. Its generators are forked, so it does not move the training ones."""
+    gathered. Its generators are forked, so it does not move the training ones. With `page`,
+    the first SHOWN episodes are written there step by step (write_episodes)."""
     rank, world = rank_and_world()
     deals = stream("eval", s.seed)
     seeds, n = deals[rank::world], len(range(rank, s.eval_episodes, world))
     pool = EnvPool(task.env_id, min(s.eval_envs, n), seeds)
-    active, started = [True] * len(pool.envs), len(pool.envs)
+    active, shown = [True] * len(pool.envs), {}  # episode -> its steps
     returns, format_ok, t0 = [], [], time.time()
     last_log = t0
     rng = np.random.default_rng(seeds.start)
@@ -947,15 +948,18 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str) -> dict:
             samples = act(policy, task, [pool.obs[i] for i in idx], [pool.infos[i] for i in idx], s, rng)
             for i, x in zip(idx, samples):
                 format_ok.append(x.format_ok)
-                ended = pool.step(i, x.action)[3]
+                episode, picture = pool.episode[i], pool.obs[i]
+                reward, _, _, ended = pool.step(i, x.action)
+                if page and rank == 0 and episode < SHOWN:
+                    shown.setdefault(episode, []).append((picture, x, reward))
                 if ended:
                     returns.append(ended[2])
-                    if started >= n:
-                        active[i] = False
-                    started += 1
+                    active[i] = pool.started <= n
             if time.time() - last_log > 10 or not any(active):
                 last_log = time.time()
                 log(f"evaluating {label}: {len(returns)}/{n} episodes, {time.time() - t0:.0f}s")
+    if shown:
+        write_episodes(page, task, label, {seeds[k]: steps for k, steps in sorted(shown.items())}, policy.processor)
     returns, format_ok = (sum(parts, []) for parts in zip(*gather((returns, format_ok))))
     n = s.eval_episodes
     wins = sum(envs.is_success(r) for r in returns)
@@ -1025,28 +1029,55 @@ def gather(obj) -> list:
 
 
 def all_sum(tensors: list) -> None:
-    """Sum same-dtype tensors across ranks in place, in one all-reduce."""
-    if dist.is_initialized():
-        flat = torch.cat([t.flatten() for t in tensors])
-        dist.all_reduce(flat)
-        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(part.view_as(t))
+    """Sum tensors across ranks, in place."""
+    for t in tensors if dist.is_initialized() else []:
+        dist.all_reduce(t)
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints, logging, plots.
+# Checkpoints, logging, plots, pages of episodes.
 
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+SHOWN = 4  # episodes on a page: the evaluation's first deals, whatever their outcome
 
 
-def save_checkpoint(run_dir: Path, update: int, policy: Policy, optimizer, scheduler, pool, rng) -> None:
-    """Adapter (PEFT format), value head, optimizer, scheduler, and every rank's envs and random
-    generators (gathered; rank 0 writes); written to a temporary folder, renamed, then `latest`
-    is switched to it."""
-    ranks = gather(((pool, rng), generator_states()))
+def write_episodes(page: Path, task, label: str, episodes: dict, processor) -> None:
+    """A Markdown page of whole episodes {deal seed: [(picture, sample, reward)]}: per step the
+    picture, the picture as the model received it, its answer, the action played and the reward.
+    The pictures are PNG files in a folder beside the page."""
+    folder, lines = page.with_suffix(""), [f"# {task.name}, {label}: the first {len(episodes)} held-out episodes", ""]
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (seed, steps) in enumerate(episodes.items(), 1):
+        lines += [f"## Episode {k} (deal seed {seed}): return {sum(r for *_, r in steps):g}", "",
+                  "| step | picture | model input | answer | action | reward |", "|---|---|---|---|---|---|"]
+        for t, (picture, x, reward) in enumerate(steps, 1):
+            pictures = [Image.fromarray(picture), model_input(processor, x.prompt)]
+            for picture, suffix in zip(pictures, ("", "-input")):
+                if picture is not None:
+                    picture.save(folder / f"{k}-{t}{suffix}.png")
+            action = task.actions[x.action] if x.format_ok else f"no legal action: random {task.actions[x.action]} played"
+            text = " ".join(x.text.splitlines()).replace("|", "\\|").replace("`", "'")  # one table cell
+            lines.append(f"| {t} | ![]({folder.name}/{k}-{t}.png) | " + (f"![]({folder.name}/{k}-{t}-input.png)"
+                         if pictures[1] else "") + f" | `{text}` | {action} | {reward:g} |")
+        lines.append("")
+    write_text(page, "\n".join(lines))
+
+
+def model_input(processor, prompt: dict):
+    """The picture as the model received it, where the processor gives one (1, 3, H, W) picture."""
+    pixels, ip = prompt.get("pixel_values"), processor.image_processor
+    if pixels is None or pixels.dim() != 4 or not hasattr(ip, "image_mean"):
+        return None
+    pixels = pixels[0].float().cpu() * torch.tensor(ip.image_std)[:, None, None] + torch.tensor(ip.image_mean)[:, None, None]
+    return Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+def save_checkpoint(run_dir: Path, update: int, policy: Policy, optimizer, scheduler, pool, rng, keep: int) -> None:
+    """The adapter (PEFT format: safetensors and JSON), state.pt (tensors only: the value head,
+    optimizer, scheduler and every rank's torch generators) and envs.json (every rank's envs and
+    numpy generator as JSON data): nothing a reader has to unpickle. Gathered from every rank;
+    rank 0 writes it to a temporary folder, renames it, then `latest` names it. The newest
+    `keep` checkpoints stay."""
+    torch_rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [])
+    ranks = gather(dict(pool=pool.state(), rng=rng.bit_generator.state, torch_rng=torch_rng))
     if rank_and_world()[0] > 0:
         return
     folder = run_dir / f"checkpoint-{update:05d}"
@@ -1054,35 +1085,69 @@ def save_checkpoint(run_dir: Path, update: int, policy: Policy, optimizer, sched
     def write(tmp: Path):
         ppo.save_adapter(policy.model, tmp)
         torch.save(dict(update=update, value_head=policy.value_head.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), torch_rng=[r[1] for r in ranks]), tmp / "state.pt")
-        (tmp / "envs.pkl").write_bytes(pickle.dumps([r[0] for r in ranks]))
-    save_atomically(folder, write)
-    write_text_atomically(run_dir / "latest", folder.name)
-    for old in run_dir.glob("checkpoint-*"):
-        if old.name != folder.name:
-            shutil.rmtree(old)
+                        scheduler=scheduler.state_dict(), torch_rng=[r.pop("torch_rng") for r in ranks]), tmp / "state.pt")
+        (tmp / "envs.json").write_text(json.dumps(ranks))
+    write_atomically(folder, write)
+    write_text(run_dir / "latest", folder.name)
+    names = sorted(p.name for p in run_dir.glob("checkpoint-*"))  # any newer ones are of an abandoned future
+    for old in [n for n in names if n < folder.name][:-keep + 1 or None] + [n for n in names if n > folder.name]:
+        shutil.rmtree(run_dir / old)
 
 
-def generator_states() -> list:
-    """torch's generators: the CPU one, and the GPU's where sampling runs on one."""
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [])
+@contextmanager
+def damaged(path: Path, advice: str):
+    """A file that cannot be read as what it should be stops the run with one line: its name, the
+    error, and what to do."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise SystemExit(f"rl4vlm.py: error: {path} is damaged or missing ({reason}); {advice}") from e
 
 
-def load_checkpoint(run_dir: Path, policy: Policy, optimizer, scheduler):
-    rank, world = rank_and_world()
-    folder = run_dir / (run_dir / "latest").read_text().strip()
-    ppo.load_adapter(policy.model, folder)
-    state = torch.load(folder / "state.pt", weights_only=True)
-    if len(state["torch_rng"]) != world:
-        raise SystemExit(f"rl4vlm.py: error: {folder} holds {len(state['torch_rng'])} ranks' state; resume with as many")
-    policy.value_head.load_state_dict(state["value_head"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"][rank][0])
-    if len(state["torch_rng"][rank]) > 1:
-        torch.cuda.set_rng_state(state["torch_rng"][rank][1])
-    pool, rng = pickle.loads((folder / "envs.pkl").read_bytes())[rank]
-    return state["update"], pool, rng
+def read_checkpoint(run_dir: Path) -> dict:
+    """Everything a resume reads, read and checked before anything is written: the latest
+    checkpoint, results.json and the metrics lines up to the checkpoint."""
+    latest = run_dir / "latest"
+    name = latest.read_text().strip() if latest.is_file() else ""
+    earlier = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.name < name)
+    advice = (f"write {earlier[-1]} into {latest} to resume from the checkpoint before it" if earlier
+              else "start the run again")
+    folder = run_dir / name
+    if not name.startswith("checkpoint-") or not folder.is_dir():
+        raise SystemExit(f"rl4vlm.py: error: {latest} names no checkpoint folder; {advice}")
+    with damaged(folder / "state.pt", advice):
+        state = torch.load(folder / "state.pt", weights_only=True)
+    with damaged(folder / "envs.json", advice):
+        ranks = json.loads((folder / "envs.json").read_text())
+        if len(ranks) != rank_and_world()[1] or len(state["torch_rng"]) != len(ranks):
+            raise ValueError(f"written by {len(ranks)} ranks: resume with as many")
+    with damaged(folder / ppo.WEIGHTS_NAME, advice):
+        load_file(folder / ppo.WEIGHTS_NAME), json.loads((folder / ppo.CONFIG_NAME).read_text())
+    with damaged(run_dir / "metrics.jsonl", "mend or delete its damaged lines, then resume"):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = [line for line in lines if json.loads(line)["update"] <= state["update"]]
+    with damaged(run_dir / "results.json", "start the run again"):
+        results = json.loads((run_dir / "results.json").read_text())
+    return dict(folder=folder, state=state, ranks=ranks, metrics=lines, results=results, advice=advice)
+
+
+def restore_checkpoint(saved: dict, policy: Policy, optimizer, scheduler, pool) -> np.random.Generator:
+    """Put a checkpoint read by read_checkpoint back: weights, optimizer, envs and generators."""
+    rank, state, mine = rank_and_world()[0], saved["state"], saved["ranks"][rank_and_world()[0]]
+    with damaged(saved["folder"], saved["advice"]):
+        ppo.load_adapter(policy.model, saved["folder"])
+        policy.value_head.load_state_dict(state["value_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"][rank][0])
+        if len(state["torch_rng"][rank]) > 1:
+            torch.cuda.set_rng_state(state["torch_rng"][rank][1])
+        pool.load_state(mine["pool"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = mine["rng"]
+    return rng
 
 
 def plot_curves(path: Path, curves: dict, title: str) -> None:
@@ -1115,10 +1180,11 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     rank, world = rank_and_world()
     is_main = rank == 0
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    resuming = (run_dir / "latest").exists()
-    if is_main:
+    resuming = (run_dir / "latest").exists() or any(run_dir.glob("checkpoint-*"))
+    saved = read_checkpoint(run_dir) if resuming else None  # before anything is written
+    if is_main and not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
+        write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
     if s.threads:
         torch.set_num_threads(s.threads)
 
@@ -1151,21 +1217,19 @@ def run(s: Settings, task, run_dir: Path) -> dict:
         f"{num_updates} updates of {batch_size} env steps")
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
-    results = json.loads(results_path.read_text()) if resuming else {}
+    results = saved["results"] if resuming else {}
     pool, start = EnvPool(task.env_id, s.num_envs // world, seeds), 1
     if resuming:
-        done, pool, rng = load_checkpoint(run_dir, policy, optimizer, scheduler)
-        start = done + 1
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["update"] <= done]
+        rng, start = restore_checkpoint(saved, policy, optimizer, scheduler, pool), saved["state"]["update"] + 1
         if is_main:
-            write_text_atomically(metrics_path, "".join(l + "\n" for l in kept))
-        log(f"resuming {run_dir} after update {done}")
+            write_text(metrics_path, "".join(line + "\n" for line in saved["metrics"]))
+        log(f"resuming {run_dir} after update {start - 1}")
     elif is_main:
         metrics_path.write_text("")
     if "warm_start" not in results:
-        results["warm_start"] = evaluate(policy, task, s, log, "warm start")
+        results["warm_start"] = evaluate(policy, task, s, log, "warm start", s.episodes and run_dir / "episodes-warm_start.md")
         if is_main:
-            write_text_atomically(results_path, json.dumps(results, indent=1))
+            write_text(results_path, json.dumps(results, indent=1))
 
     try:
         for update in range(start, num_updates + 1):
@@ -1180,28 +1244,26 @@ def run(s: Settings, task, run_dir: Path) -> dict:
             top = max(stats["action_share"].items(), key=lambda kv: kv[1])
             metrics = dict(update=update, env_steps=update * batch_size, **stats, lr=scheduler.get_last_lr()[0],
                            rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(batch_size / seconds, 1))
-            log(f"update {update}/{num_updates}  steps {update * batch_size}  success {stats['success']:.2f} "
-                f"(n={stats['episodes']})  return {stats['mean_return']:.2f}  format_fail {stats['format_fail']:.2f}  "
-                f"kl {stats['approx_kl']:.4f}  clipfrac {stats['clipfrac']:.3f}  steps {stats['optimizer_steps']}  "
-                f"ev {stats['explained_variance']:.2f}  entropy thought {stats['thought_entropy']:.2f} "
-                f"action {stats['action_entropy']:.2f}  distinct {stats['distinct_thoughts']:.2f}  "
-                f"top action {top[0]!r} {top[1]:.2f}  {batch_size / seconds:.0f} steps/s")
+            log(f"update {update}/{num_updates}  steps {update * batch_size}  " + "  ".join(f"{k} {stats[k]:.3g}" for k in (
+                "success", "episodes", "mean_return", "format_fail", "approx_kl", "clipfrac", "optimizer_steps",
+                "explained_variance", "thought_entropy", "action_entropy", "distinct_thoughts"))
+                + f"  top action {top[0]!r} {top[1]:.2f}  {batch_size / seconds:.0f} steps/s")
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             if update % s.checkpoint_every == 0 or update == num_updates:
-                save_checkpoint(run_dir, update, policy, optimizer, scheduler, pool, rng)
+                save_checkpoint(run_dir, update, policy, optimizer, scheduler, pool, rng, s.keep_checkpoints)
     except KeyboardInterrupt:
         last = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else "none"
         log(f"\ninterrupted; last checkpoint: {last}. Continue with: python rl4vlm.py --resume {run_dir}")
         raise SystemExit(130)
 
-    results["rl"] = evaluate(policy, task, s, log, "after RL")
+    results["rl"] = evaluate(policy, task, s, log, "after RL", s.episodes and run_dir / "episodes-rl.md")
     if is_main:
-        write_text_atomically(results_path, json.dumps(results, indent=1))
+        write_text(results_path, json.dumps(results, indent=1))
         plot_curves(run_dir / "curve.png", {task.env_id: curve(run_dir)}, task.env_id)
         table = results_table(task, results)
-        (run_dir / "results.md").write_text(table + "\n")
+        write_text(run_dir / "results.md", table + "\n")
         log(table)
     return results
 
@@ -1222,20 +1284,34 @@ def tasks_of(env: str) -> list:
     return list(envs.TASKS.values()) if env == SUITE else [envs.get_task(name) for name in env.split(",")]
 
 
-def run_suite(s: Settings, tasks, run_dir: Path) -> dict:
-    """Each seed, each task in turn (warm start, RL, evaluation) in run_dir/seed<n>/<task>;
-    finished runs are skipped and an interrupted one resumes, so --resume works here too."""
-    results = {}
-    for seed in s.seeds or [s.seed]:
-        folder = run_dir / f"seed{seed}"
+def run_many(s: Settings, tasks, run_dir: Path) -> dict:
+    """Each seed, each task (with --ablations each variant too: with and without chain of thought,
+    or thought_coef 0, 0.2, 0.5 and 1) in turn, in run_dir/seed<n>/<task>[-<variant>]; finished
+    runs are skipped and an interrupted one resumes, so --resume works here too. Then the curves
+    of each seed and the tables: results.md and results.csv, or ablations.md."""
+    variants = ({"": {}} if not s.ablations else {"with CoT": dict(cot=True), "without CoT": dict(cot=False)}
+                if s.ablations == "cot" else {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.2, 0.5, 1.0)})
+    seeds, results, is_main = s.seeds or [s.seed], {}, rank_and_world()[0] == 0
+    for seed in seeds:
+        folders = {}
         for task in tasks:
-            results[task.name, seed] = run_or_load(replace(s, seed=seed, seeds=[]), task, folder / task.name)
-        if rank_and_world()[0] == 0:
-            plot_curves(folder / "curves.png", {t.name: curve(folder / t.name) for t in tasks}, f"seed {seed}")
-    if rank_and_world()[0] == 0:
-        md, csv = suite_tables(tasks, s.seeds or [s.seed], results, run_dir)
-        (run_dir / "results.md").write_text(md + "\n")
-        (run_dir / "results.csv").write_text(csv)
+            for name, change in variants.items():
+                folders[f"{task.name} {name}".strip()] = folder = run_dir / f"seed{seed}" / "-".join([task.name, *name.split()])
+                results[task.name, name, seed] = run_or_load(replace(s, seed=seed, seeds=[], **change), task, folder)
+        if is_main:
+            plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", {k: curve(f) for k, f in folders.items()},
+                        f"seed {seed}")
+    if is_main and s.ablations:
+        paper = lambda t, name: {"with CoT": t.paper["rl"], "without CoT": t.paper["no_cot"]}.get(name, "")
+        md = "\n".join(["Success % (paper: after RL)", ""] + seed_rows(
+            [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds], paper(t, name) if stage == "rl" else "")
+             for t in tasks for name in variants for stage, label in (("warm_start", "warm start"), ("rl", "after RL"))], seeds))
+        write_text(run_dir / "ablations.md", md + "\n")
+    elif is_main:
+        md, csv = suite_tables(tasks, seeds, {(t, seed): r for (t, _, seed), r in results.items()}, run_dir)
+        write_text(run_dir / "results.md", md + "\n")
+        write_text(run_dir / "results.csv", csv)
+    if is_main:
         print(md)
     return results
 
@@ -1267,55 +1343,30 @@ def seed_rows(rows, seeds) -> list[str]:
 
 
 def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
-    """The paper's comparison, per seed: success % (500 held-out episodes a cell) with the warm
-    start only and after RL, the mean and min-max over seeds, the paper's 7B numbers beside
-    them; then the greedy expert match and the PPO step sizes. Returns Markdown and CSV (every
-    seed's 95% interval)."""
+    """The paper's comparison per seed (success % with the warm start only and after RL, mean and
+    min-max, the paper's 7B numbers), the greedy expert match and PPO step sizes, links to the
+    pages of episodes. Returns Markdown and CSV (every seed's 95% interval)."""
     rows = [(t.name, label, [results[t.name, seed][stage] for seed in seeds], t.paper[paper])
             for t in tasks for stage, label, paper in (("warm_start", "warm start only", "sft"), ("rl", "after RL", "rl"))]
     md = [f"Success % (seeds {', '.join(map(str, seeds))}; 500 held-out episodes a cell unless --eval-episodes says otherwise)", ""]
+    pages = [f"[{t.name} seed {seed}, {stage}](seed{seed}/{t.name}/episodes-{stage}.md)" for t in tasks for seed in seeds
+             for stage in ("warm_start", "rl") if (run_dir / f"seed{seed}" / t.name / f"episodes-{stage}.md").exists()]
     md += seed_rows(rows, seeds)
     md += ["", "| task | greedy action = expert's: warm start | after RL | approx_kl median | approx_kl max |", "|---|---|---|---|---|"]
     for t in tasks:
         match = [np.mean([results[t.name, seed][stage]["expert_match"] for seed in seeds]) for stage in ("warm_start", "rl")]
         kl = [m["approx_kl"] for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]  # every update
         md.append(f"| {t.name} | {100 * match[0]:.1f} | {100 * match[1]:.1f} | {np.median(kl):.4f} | {np.max(kl):.4f} |")
-    csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"]
+    csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"] + [
+        f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},{r['episodes']},"
+        f"{r['expert_match']:.4f},{r.get('solvable', '')},{t.paper[paper]}" for t in tasks for seed in seeds
+        for stage, paper in (("warm_start", "sft"), ("rl", "rl")) for r in [results[t.name, seed][stage]]]
     for t in tasks:
-        for seed in seeds:
-            for stage, paper in (("warm_start", "sft"), ("rl", "rl")):
-                r = results[t.name, seed][stage]
-                csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},{r['episodes']},"
-                           f"{r['expert_match']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
         if t.solvable:
             share = np.mean([results[t.name, seed]["rl"]["solvable"] for seed in seeds])
             md.append(f"\n{t.name}: {100 * share:.1f}% of the evaluated deals can be won at all.")
+    md += ["", "Episodes step by step: " + ", ".join(pages)] if pages else []
     return "\n".join(md), "\n".join(csv) + "\n"
-
-
-def run_ablations(s: Settings, tasks, run_dir: Path) -> dict:
-    """The paper's other two findings, per seed and task: chain of thought against none
-    (--ablations cot), and thought_coef (lambda) swept (--ablations lambda). Runs in
-    run_dir/seed<n>/<task>-<variant>; the table in ablations.md, plots beside it."""
-    variants = ({"with CoT": dict(cot=True), "without CoT": dict(cot=False)} if s.ablations == "cot" else
-                {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.2, 0.5, 1.0)})
-    seeds, results = s.seeds or [s.seed], {}
-    for seed in seeds:
-        folders = {}
-        for task in tasks:
-            for name, change in variants.items():
-                folders[f"{task.name} {name}"] = folder = run_dir / f"seed{seed}" / f"{task.name}-{name.replace(' ', '-')}"
-                results[task.name, name, seed] = run_or_load(replace(s, seed=seed, seeds=[], **change), task, folder)
-        if rank_and_world()[0] == 0:
-            plot_curves(run_dir / f"seed{seed}" / f"{s.ablations}.png", {k: curve(f) for k, f in folders.items()}, f"seed {seed}")
-    if rank_and_world()[0] == 0:
-        paper = lambda t, name: {"with CoT": t.paper["rl"], "without CoT": t.paper["no_cot"]}.get(name, "")
-        md = ["Success % (paper: after RL)", ""] + seed_rows(
-            [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds], paper(t, name) if stage == "rl" else "")
-             for t in tasks for name in variants for stage, label in (("warm_start", "warm start"), ("rl", "after RL"))], seeds)
-        (run_dir / "ablations.md").write_text("\n".join(md) + "\n")
-        print("\n".join(md))
-    return results
 
 
 def main(argv=None) -> dict:
@@ -1339,8 +1390,8 @@ def main(argv=None) -> dict:
     if len(tasks) > 1 or s.seeds or s.ablations:  # several runs: run_dir/seed<n>/<task>, tables over them
         if rank_and_world()[0] == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomically(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
-        return (run_ablations if s.ablations else run_suite)(s, tasks, run_dir)
+            write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
+        return run_many(s, tasks, run_dir)
     return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir)
 
 

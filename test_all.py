@@ -4,17 +4,20 @@ Fixtures and helpers come first, then the tests of envs.py, parse.py, ppo.py and
 that order; each test is named after the rule it proves and checks it exactly, against a hand
 computation or an independent implementation. No test times anything: bench.py does."""
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 from itertools import combinations_with_replacement
 from pathlib import Path
 import json
 import math
 import os
+import pickle
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 from PIL import Image
@@ -28,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import envs
 import parse
 import ppo
@@ -760,7 +764,7 @@ def test_points_expert_follows_a_solution_prefix():
 
 def test_expert_success_number_line_and_ez_points_100_percent():
     for name in ("numberline", "ezpoints"):
-        returns = envs.expert_returns(envs.get_task(name), 3000, seed=0)
+        returns = bench.expert_returns(envs.get_task(name), 3000, seed=0)
         assert all(envs.is_success(r) for r in returns), name
 
 
@@ -776,7 +780,7 @@ def test_expert_through_the_gymnasium_api(name):
             _, reward, terminated, truncated, info = env.step(action)
             total, done = total + reward, terminated or truncated
         returns.append(total)
-    assert returns == envs.expert_returns(task, 30, seed=0), "the fast expert loop plays other games"
+    assert returns == bench.expert_returns(task, 30, seed=0), "the fast expert loop plays other games"
 
 
 def test_expert_success_points24_is_exactly_the_solvable_share():
@@ -861,7 +865,7 @@ def test_blackjack_dp_policy_and_optimum():
 
 
 def test_blackjack_expert_wins_as_the_optimum_says():
-    returns = envs.expert_returns(envs.get_task("blackjack"), 20_000, seed=0)
+    returns = bench.expert_returns(envs.get_task("blackjack"), 20_000, seed=0)
     win_rate = np.mean([envs.is_success(r) for r in returns])
     assert abs(win_rate - envs.blackjack_optimum()[2]) < 0.01, win_rate
 
@@ -1146,11 +1150,6 @@ def test_ppo_value_clipping():
     loss.backward()
     assert torch.allclose(loss, 0.5 * per_sample.mean())
     assert (new.grad == 0).tolist() == [True, False, False, True, False]
-    new.grad = None
-    loss, _ = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, clip_vloss=False)
-    loss.backward()
-    assert torch.allclose(loss, 0.5 * 0.5 * ((values - returns) ** 2).mean())
-    assert (new.grad != 0).all()
 
 
 def test_explained_variance_by_hand():
@@ -1229,7 +1228,7 @@ def test_lora_on_tiny_llama(tmp_path):
     # an adapter that does not fit the model is refused
     wrong = tiny_llama()
     ppo.add_lora(wrong, 4, 8, 0.0, ["q_proj"])
-    with pytest.raises(AssertionError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         ppo.load_adapter(wrong, tmp_path)
 
     ppo.merge_lora(model)
@@ -1250,7 +1249,7 @@ def test_lora_partial_targets_saved_exactly(tmp_path):
 
 
 def test_add_lora_errors_when_nothing_matches():
-    with pytest.raises(AssertionError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="no nn.Linear"):
         ppo.add_lora(tiny_llama(), 4, 8, 0.0, ["no_such_proj"])
 
 
@@ -1298,6 +1297,14 @@ def test_bad_settings_are_rejected_with_one_line(argv, message, tmp_path):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", [f.name for f in fields(rl4vlm.Settings) if isinstance(f.default, float) or f.metadata["type"] is float])
+def test_every_float_flag_refuses_nan_and_inf(name, value):
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.parse_settings(["--" + name.replace("_", "-") + "=" + value])
+    assert str(e.value).startswith(f"rl4vlm.py: error: --{name.replace('_', '-')} must be") and "\n" not in str(e.value)
+
+
 def test_bad_flag_exits_nonzero_with_one_line():
     out = subprocess.run([sys.executable, str(HERE / "rl4vlm.py"), "--lora-rank", "0"],
                          capture_output=True, text=True, cwd=HERE)
@@ -1323,7 +1330,6 @@ def test_bad_sft_data_is_rejected_with_one_line(tmp_path, line, message):
 
 
 def test_a_model_that_is_not_a_vlm_is_rejected(tmp_path):
-    from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="not an image-text-to-text"):
@@ -1568,16 +1574,17 @@ def test_sft_steps_0_starts_rl_from_the_model_itself(llava, tmp_path):
 # --- rollouts and the PPO update ---------------------------------------------------------
 
 
-def test_env_pool_saves_states_not_pictures_and_continues_the_same():
-    import pickle
-    pool = rl4vlm.EnvPool("gym_cards/Points24-v0", 32, range(5, 1000))
+@pytest.mark.parametrize("env_id", IDS)
+def test_env_pool_saves_its_state_as_json_and_continues_the_same(env_id):
+    pool = rl4vlm.EnvPool(env_id, 32, range(5, 1000))
     for i in range(32):
-        pool.step(i, 3)
-    saved = pickle.dumps(pool)
+        pool.step(i, 1)
+    saved = json.dumps(pool.state())
     assert len(saved) < 64_000, f"{len(saved)} bytes: pictures or spaces were saved"
-    copy = pickle.loads(saved)
+    copy = rl4vlm.EnvPool(env_id, 32, range(5, 1000))  # other deals, then the saved state over them
+    copy.load_state(json.loads(saved))
     assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.infos == pool.infos
-    for action in (0, 10, 1, 16):
+    for action in (0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1):  # episodes end and begin again
         for i in range(32):
             a, b = pool.step(i, action), copy.step(i, action)
             assert a[:3] == b[:3] and (a[3] is None) == (b[3] is None)
@@ -1635,6 +1642,43 @@ def test_kl_guard_stops_before_a_step_on_a_minibatch_past_target_kl(policy):
             p.copy_(b)
 
 
+def read_page(page):
+    """The episodes of a page: [(deal seed, return, [(picture, input picture, answer, action, reward)])]."""
+    episodes = []
+    for line in page.read_text().splitlines():
+        if m := re.match(r"## Episode \d+ \(deal seed (\d+)\): return (\S+)", line):
+            episodes.append((int(m[1]), float(m[2]), []))
+        elif m := re.match(r"\| \d+ \| !\[\]\((\S+)\) \| !\[\]\((\S+)\) \| `(.*)` \| (.+) \| (\S+) \|$", line):
+            episodes[-1][2].append((page.parent / m[1], page.parent / m[2], m[3], m[4], float(m[5])))
+    return episodes
+
+
+@pytest.mark.parametrize("legal", [None, False])  # the model's own answers; no answer names a legal action
+def test_a_page_of_episodes_replays_to_its_pictures_and_rewards(policy, tmp_path, monkeypatch, legal):
+    """Each step on the page, replayed in a fresh env from the episode's deal seed: the same
+    picture, the page's action gives the page's reward, the returns add up; the answers are the
+    sampled ones; the model-input pictures are 64 px; an answer with no legal action says so."""
+    if legal is False:
+        monkeypatch.setattr(parse, "parse_action", lambda text, actions: (None, None))
+    answers, act = set(), rl4vlm.act
+    monkeypatch.setattr(rl4vlm, "act", lambda *a: [answers.add(x.text) or x for x in act(*a)])
+    s, task = settings(eval_episodes=4, max_new_tokens=8)
+    rl4vlm.evaluate(policy, task, s, lambda *a: None, "test", tmp_path / "episodes-test.md")
+    episodes = read_page(tmp_path / "episodes-test.md")
+    assert [seed for seed, _, _ in episodes] == list(rl4vlm.stream("eval", 1)[:4])  # the first deals, not picked
+    env = gym.make(task.env_id)
+    for seed, episode_return, steps in episodes:
+        obs, _ = env.reset(seed=seed)
+        for picture, model_input, answer, action, reward in steps:
+            assert np.array_equal(np.asarray(Image.open(picture)), obs) and Image.open(model_input).size == (64, 64)
+            assert answer in {" ".join(a.splitlines()).replace("|", "\\|").replace("`", "'") for a in answers}
+            random_action = re.fullmatch(r"no legal action: random (\S+) played", action)
+            assert (random_action is not None) == (legal is False or parse.parse_action(answer, task.actions)[0] is None)
+            obs, r, *_ = env.step(task.actions.index(random_action[1] if random_action else action))
+            assert r == reward
+        assert sum(step[-1] for step in steps) == episode_return and len(steps) > 0
+
+
 def test_diagnostics_on_a_hand_made_batch():
     x = lambda entropy, n_thought, thought, action: rl4vlm.Sample(
         prompt={}, gen_ids=torch.zeros(len(entropy)), weights=torch.ones(len(entropy)), logprob=0.0, value=0.0,
@@ -1658,7 +1702,7 @@ def test_wilson_interval():
     assert rl4vlm.wilson(0, 10)[0] == 0.0 and abs(rl4vlm.wilson(10, 10)[1] - 1.0) < 1e-12
 
 
-def test_end_to_end_run_writes_metrics_checkpoint_and_resumes_exactly(cache, tmp_path, monkeypatch):
+def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sigkill(cache, tmp_path, monkeypatch):
     common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
     saved, save = [], rl4vlm.save_checkpoint
     monkeypatch.setattr(rl4vlm, "save_checkpoint", lambda run_dir, update, *a: (saved.append(update), save(run_dir, update, *a)))
@@ -1675,29 +1719,102 @@ def test_end_to_end_run_writes_metrics_checkpoint_and_resumes_exactly(cache, tmp
                 "explained_variance", "steps_per_second"):
         assert key in rows[0]
     assert (full / "latest").read_text() == "checkpoint-00003"
-    assert (full / "checkpoint-00003" / "adapter_config.json").exists() and not (full / "checkpoint-00002").exists()
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-00002", "checkpoint-00003"]  # keep 2
+    assert sorted(p.name for p in (full / "checkpoint-00003").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "envs.json", "state.pt"]
     assert (full / "curve.png").exists() and (full / "results.md").exists()
     assert set(results) == {"warm_start", "rl"} and results["rl"]["episodes"] == 4
 
-    # the same run, stopped during update 3, then resumed: the same numbers
+    # the same run in another process, killed (SIGKILL) as soon as checkpoint 2 is complete, then resumed
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *common, "--run-name", "killed"],
+                               cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not ((killed / "latest").is_file() and (killed / "latest").read_text() == "checkpoint-00002"):
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert "rl" not in json.loads((killed / "results.json").read_text()), "the run ended before it was killed"
+    resumed = rl4vlm.main(["--resume", str(killed)])
+    assert strip_timing(read_metrics(killed)) == strip_timing(rows)
+    assert {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in resumed.items()} == \
+        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
+
+
+class RunsCode:
+    """A pickle payload: unpickling it would create the file `marker`."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def damage(run, kind):
+    """Damage a stopped run folder (checkpoint-00001 and -00002, latest at 2) as `kind` says."""
+    checkpoint = run / "checkpoint-00002"
+    if kind == "truncated state.pt":
+        (checkpoint / "state.pt").write_bytes((checkpoint / "state.pt").read_bytes()[:1000])
+    elif kind == "missing envs.json":
+        (checkpoint / "envs.json").unlink()
+    elif kind == "latest names nothing":
+        (run / "latest").write_text("checkpoint-00009")
+    elif kind == "damaged metrics line":
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        (run / "metrics.jsonl").write_text("\n".join([lines[0][:30]] + lines[1:]) + "\n")
+    elif kind == "half-written cached model":
+        weights, = Path(json.loads((run / "settings.json").read_text())["cache_dir"]).glob("sft-*/model.safetensors")
+        weights.write_bytes(weights.read_bytes()[:5000])
+    elif kind == "pickle payload in envs.json":
+        (checkpoint / "envs.json").write_bytes(pickle.dumps(RunsCode(run.parent / "marker")))
+    elif kind == "pickle payload in state.pt":
+        torch.save({"update": RunsCode(run.parent / "marker")}, checkpoint / "state.pt")
+    return {"truncated state.pt": "state.pt", "missing envs.json": "envs.json", "latest names nothing": "latest",
+            "damaged metrics line": "metrics.jsonl", "half-written cached model": "sft-",
+            "pickle payload in envs.json": "envs.json", "pickle payload in state.pt": "state.pt"}[kind]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(cache, tmp_path_factory):
+    """A run stopped (Ctrl-C) during update 3 with a checkpoint after each update: 1 and 2 kept."""
+    out = tmp_path_factory.mktemp("stopped")
+    shutil.copytree(cache, out / "cache")  # its own cache, which one of the tests damages
     real_update, calls = rl4vlm.ppo_update, []
 
-    def stop_at_third(*args, **kwargs):
+    def stop_at_third(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_update(*args, **kwargs)
-    monkeypatch.setattr(rl4vlm, "ppo_update", stop_at_third)
-    with pytest.raises(SystemExit) as e:
-        rl4vlm.main(common + ["--run-name", "stopped"])
+        return real_update(*args)
+    rl4vlm.ppo_update = stop_at_third
+    try:
+        with pytest.raises(SystemExit) as e:
+            rl4vlm.main(FAST + ["--cache-dir", str(out / "cache"), "--out-dir", str(out), "--run-name", "run",
+                                "--checkpoint-every", "1"])
+    finally:
+        rl4vlm.ppo_update = real_update
     assert e.value.code == 130
-    stopped = tmp_path / "stopped"
-    assert (stopped / "latest").read_text() == "checkpoint-00002" and len(read_metrics(stopped)) == 2
-    monkeypatch.setattr(rl4vlm, "ppo_update", real_update)
-    resumed = rl4vlm.main(["--resume", str(stopped)])
-    assert strip_timing(read_metrics(stopped)) == strip_timing(rows)
-    assert resumed == results or {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in resumed.items()} == \
-        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
+    return out / "run"
+
+
+@pytest.mark.parametrize("kind", ["truncated state.pt", "missing envs.json", "latest names nothing",
+                                  "damaged metrics line", "half-written cached model",
+                                  "pickle payload in envs.json", "pickle payload in state.pt"])
+def test_a_damaged_run_folder_stops_with_one_line_and_changes_nothing(stopped_run, tmp_path, kind):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    shutil.copytree(stopped_run.parent / "cache", tmp_path / "cache")
+    settings_file = run / "settings.json"
+    settings_file.write_text(json.dumps(dict(json.loads(settings_file.read_text()), cache_dir=str(tmp_path / "cache"))))
+    named = damage(run, kind)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.main(["--resume", str(run)])
+    message = str(e.value)
+    assert message.startswith("rl4vlm.py: error: ") and "\n" not in message and named in message, message
+    if kind not in ("half-written cached model", "damaged metrics line"):  # the newest sound checkpoint is offered
+        assert ("checkpoint-00002" if kind == "latest names nothing" else "checkpoint-00001") in message, message
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "marker").exists(), "the payload ran"
 
 
 def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, two_ranks):
@@ -1727,7 +1844,8 @@ def test_two_ranks_resume_exactly(two_ranks):
     (rank0, rank1), out = two_ranks
     assert rank0["stopped_code"] == rank1["stopped_code"] == 130
     assert strip_timing(read_metrics(out / "stopped")) == strip_timing(read_metrics(out / "full"))
-    assert len(read_metrics(out / "full")) == 2 and not (out / "full" / "checkpoint-00001").exists()
+    assert len(read_metrics(out / "full")) == 2
+    assert len(json.loads((out / "full" / "checkpoint-00002" / "envs.json").read_text())) == 2, "both ranks' envs"
     assert rank0["resumed"]["rl"]["success"] == rank0["full"]["rl"]["success"]
 
 
@@ -1753,7 +1871,7 @@ def test_a_seed_of_several_gives_what_it_gives_alone(cache, tmp_path):
     both = rl4vlm.main(common + ["--run-name", "both", "--seeds", "2", "1"])
     alone = rl4vlm.main(common + ["--run-name", "alone", "--seed", "1"])
     assert strip_timing(read_metrics(tmp_path / "both" / "seed1" / "NumberLine")) == strip_timing(read_metrics(tmp_path / "alone"))
-    assert {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in both["NumberLine", 1].items()} == \
+    assert {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in both["NumberLine", "", 1].items()} == \
         {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in alone.items()}
     assert (tmp_path / "both" / "results.md").read_text().count("| NumberLine |") == 3  # 2 stages + diagnostics
 
