@@ -306,12 +306,7 @@ def number_entries(formula):
 class PointsEnv(GymCardsEnv):
     """Append numbers and operators to a formula, then "=" to have it checked against the target."""
 
-    target: int
-    max_entries: int  # truncated once the formula holds more entries than this
-    card_boxes: tuple  # where the cards lie in the picture
-    rank_size: int
-    formula_top: int
-    formula_size: int
+    # subclasses set: target, max_entries (truncated beyond), card_boxes, rank_size, formula_top, formula_size
 
     @property
     def numbers(self):

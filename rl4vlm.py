@@ -10,10 +10,7 @@ fine-tunes the VLM through LoRA, with
     log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens).
 The paper first warm-starts the model with supervised answers (SFT), then runs RL.
 
-This file, in order: settings, models (the built-in tiny VLM, loading any Hugging Face
-image-text-to-text model), prompts, generation and log-probs, random streams and envs, the warm
-start, rollout, PPO update and evaluation, torchrun data parallelism, checkpoints, the run and
-the command line. envs.py holds the tasks, parse.py text -> action, ppo.py the maths.
+Its sections follow the run; envs.py holds the tasks, parse.py text -> action, ppo.py the maths.
 
 Where this departs from the paper or from textbook PPO (the README says more):
 1. The default policy is a tiny LLaVA built here from random weights; its warm start adds an
@@ -1157,11 +1154,10 @@ def plot_curves(path: Path, curves: dict, title: str) -> None:
     d = ImageDraw.Draw(img)
     xmax = max([max(xs) for xs, _ in curves.values() if xs] or [1])
     d.line([(m, m), (m, H - m), (W - m, H - m)], fill="black")
-    for y in (0.0, 0.5, 1.0):
-        d.text((8, H - m - y * (H - 2 * m) - 6), f"{y:.1f}", fill="black")
-    d.text((W - m - 40, H - m + 8), f"{xmax:,}", fill="black")
-    d.text((W // 2 - 60, H - m + 24), "env steps", fill="black")
-    d.text((m, 15), title + " (success rate)", fill="black")
+    labels = [((8, H - m - y * (H - 2 * m) - 6), f"{y:.1f}") for y in (0.0, 0.5, 1.0)] + [
+        ((W - m - 40, H - m + 8), f"{xmax:,}"), ((W // 2 - 60, H - m + 24), "env steps"), ((m, 15), title + " (success rate)")]
+    for place, text in labels:
+        d.text(place, text, fill="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for k, (name, (xs, ys)) in enumerate(curves.items()):
         points = [(m + x / xmax * (W - 2 * m), H - m - y * (H - 2 * m)) for x, y in zip(xs, ys) if not math.isnan(y)]
@@ -1188,10 +1184,9 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     if s.threads:
         torch.set_num_threads(s.threads)
 
-    # ---- seeding: the one place the run's random streams start. torch's generator draws the
-    # LoRA and value-head init and the sampled tokens, `rng` the fallback actions and minibatch
-    # order; every episode is seeded by EnvPool. The cached models and evaluation use forks,
-    # seeded from their own streams.
+    # ---- seeding: the one place the run's random streams start. torch's generator draws the LoRA
+    # and value-head init and the sampled tokens, `rng` the fallback actions and minibatch order;
+    # EnvPool seeds every episode. The cached models and evaluation fork their own streams.
     seeds = stream("train", s.seed, rank)
     torch.manual_seed(seeds.start)
     rng = np.random.default_rng(seeds.start)
