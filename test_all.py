@@ -247,9 +247,7 @@ def two_rank_job(rank, port, policy_dir, cache, out):
     common = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--total-steps", "32", "--checkpoint-every", "1"]
     seen["full"] = rl4vlm.main(common + ["--run-name", "full"])
     real_update = rl4vlm.ppo_update
-    rl4vlm.ppo_update = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if rl4vlm.ppo_update.calls.append(1) or \
-        len(rl4vlm.ppo_update.calls) == 2 else real_update(*a)
-    rl4vlm.ppo_update.calls = []
+    rl4vlm.ppo_update = interrupting(real_update, at_call=2)
     try:
         rl4vlm.main(common + ["--run-name", "stopped"])
     except SystemExit as e:
@@ -257,6 +255,18 @@ def two_rank_job(rank, port, policy_dir, cache, out):
     rl4vlm.ppo_update = real_update
     seen["resumed"] = rl4vlm.main(["--resume", str(out / "stopped")])
     torch.save(seen, out / f"rank{rank}.pt")
+
+
+def interrupting(function, at_call):
+    """`function`, except that its call number `at_call` raises KeyboardInterrupt, as Ctrl-C would."""
+    calls = []
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return function(*args)
+    return wrapped
 
 
 def free_port():
@@ -273,6 +283,76 @@ def two_ranks(policy, cache, tmp_path_factory):
     torch.save(policy.value_head, out / "policy" / "value_head.pt")
     torch.multiprocessing.spawn(two_rank_job, args=(free_port(), out / "policy", cache, out), nprocs=2)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out
+
+
+def read_page(page):
+    """The episodes of a page: [(deal seed, return, [(picture, input picture, answer, action, reward)])]."""
+    episodes = []
+    for line in page.read_text().splitlines():
+        if m := re.match(r"## Episode \d+ \(deal seed (\d+)\): return (\S+)", line):
+            episodes.append((int(m[1]), float(m[2]), []))
+        elif m := re.match(r"\| \d+ \| !\[\]\((\S+)\) \| !\[\]\((\S+)\) \| `(.*)` \| (.+) \| (\S+) \|$", line):
+            episodes[-1][2].append((page.parent / m[1], page.parent / m[2], m[3], m[4], float(m[5])))
+    return episodes
+
+
+class RunsCode:
+    """A pickle payload: unpickling it would create the file `marker`."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def damage(run, kind):
+    """Damage a stopped run folder (checkpoint-00001 and -00002, latest at 2) as `kind` says."""
+    checkpoint = run / "checkpoint-00002"
+    if kind == "truncated state.pt":
+        (checkpoint / "state.pt").write_bytes((checkpoint / "state.pt").read_bytes()[:1000])
+    elif kind == "missing envs.json":
+        (checkpoint / "envs.json").unlink()
+    elif kind == "latest names nothing":
+        (run / "latest").write_text("checkpoint-00009")
+    elif kind == "damaged metrics line":
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        (run / "metrics.jsonl").write_text("\n".join([lines[0][:30]] + lines[1:]) + "\n")
+    elif kind == "half-written cached model":
+        weights, = Path(json.loads((run / "settings.json").read_text())["cache_dir"]).glob("sft-*/model.safetensors")
+        weights.write_bytes(weights.read_bytes()[:5000])
+    elif kind == "pickle payload in envs.json":
+        (checkpoint / "envs.json").write_bytes(pickle.dumps(RunsCode(run.parent / "marker")))
+    elif kind == "pickle payload in state.pt":
+        torch.save({"update": RunsCode(run.parent / "marker")}, checkpoint / "state.pt")
+    return {"truncated state.pt": "state.pt", "missing envs.json": "envs.json", "latest names nothing": "latest",
+            "damaged metrics line": "metrics.jsonl", "half-written cached model": "sft-",
+            "pickle payload in envs.json": "envs.json", "pickle payload in state.pt": "state.pt"}[kind]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(cache, tmp_path_factory):
+    """A run stopped (Ctrl-C) during update 3 with a checkpoint after each update: 1 and 2 kept."""
+    out = tmp_path_factory.mktemp("stopped")
+    shutil.copytree(cache, out / "cache")  # its own cache, which one of the tests damages
+    real_update = rl4vlm.ppo_update
+    rl4vlm.ppo_update = interrupting(real_update, at_call=3)
+    try:
+        with pytest.raises(SystemExit) as e:
+            rl4vlm.main(FAST + ["--cache-dir", str(out / "cache"), "--out-dir", str(out), "--run-name", "run",
+                                "--checkpoint-every", "1"])
+    finally:
+        rl4vlm.ppo_update = real_update
+    assert e.value.code == 130
+    return out / "run"
+
+
+def failing_rank_job(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    rl4vlm.init_distributed(rl4vlm.Settings(dist_timeout=0.1))
+    if rank == 1:
+        raise RuntimeError("rank 1 fails")
+    rl4vlm.gather("rank 0 waits for rank 1")
+
 
 
 def strip_timing(rows):
@@ -1642,17 +1722,6 @@ def test_kl_guard_stops_before_a_step_on_a_minibatch_past_target_kl(policy):
             p.copy_(b)
 
 
-def read_page(page):
-    """The episodes of a page: [(deal seed, return, [(picture, input picture, answer, action, reward)])]."""
-    episodes = []
-    for line in page.read_text().splitlines():
-        if m := re.match(r"## Episode \d+ \(deal seed (\d+)\): return (\S+)", line):
-            episodes.append((int(m[1]), float(m[2]), []))
-        elif m := re.match(r"\| \d+ \| !\[\]\((\S+)\) \| !\[\]\((\S+)\) \| `(.*)` \| (.+) \| (\S+) \|$", line):
-            episodes[-1][2].append((page.parent / m[1], page.parent / m[2], m[3], m[4], float(m[5])))
-    return episodes
-
-
 @pytest.mark.parametrize("legal", [None, False])  # the model's own answers; no answer names a legal action
 def test_a_page_of_episodes_replays_to_its_pictures_and_rewards(policy, tmp_path, monkeypatch, legal):
     """Each step on the page, replayed in a fresh env from the episode's deal seed: the same
@@ -1740,62 +1809,6 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sig
         {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
 
 
-class RunsCode:
-    """A pickle payload: unpickling it would create the file `marker`."""
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-def damage(run, kind):
-    """Damage a stopped run folder (checkpoint-00001 and -00002, latest at 2) as `kind` says."""
-    checkpoint = run / "checkpoint-00002"
-    if kind == "truncated state.pt":
-        (checkpoint / "state.pt").write_bytes((checkpoint / "state.pt").read_bytes()[:1000])
-    elif kind == "missing envs.json":
-        (checkpoint / "envs.json").unlink()
-    elif kind == "latest names nothing":
-        (run / "latest").write_text("checkpoint-00009")
-    elif kind == "damaged metrics line":
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        (run / "metrics.jsonl").write_text("\n".join([lines[0][:30]] + lines[1:]) + "\n")
-    elif kind == "half-written cached model":
-        weights, = Path(json.loads((run / "settings.json").read_text())["cache_dir"]).glob("sft-*/model.safetensors")
-        weights.write_bytes(weights.read_bytes()[:5000])
-    elif kind == "pickle payload in envs.json":
-        (checkpoint / "envs.json").write_bytes(pickle.dumps(RunsCode(run.parent / "marker")))
-    elif kind == "pickle payload in state.pt":
-        torch.save({"update": RunsCode(run.parent / "marker")}, checkpoint / "state.pt")
-    return {"truncated state.pt": "state.pt", "missing envs.json": "envs.json", "latest names nothing": "latest",
-            "damaged metrics line": "metrics.jsonl", "half-written cached model": "sft-",
-            "pickle payload in envs.json": "envs.json", "pickle payload in state.pt": "state.pt"}[kind]
-
-
-@pytest.fixture(scope="module")
-def stopped_run(cache, tmp_path_factory):
-    """A run stopped (Ctrl-C) during update 3 with a checkpoint after each update: 1 and 2 kept."""
-    out = tmp_path_factory.mktemp("stopped")
-    shutil.copytree(cache, out / "cache")  # its own cache, which one of the tests damages
-    real_update, calls = rl4vlm.ppo_update, []
-
-    def stop_at_third(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_update(*args)
-    rl4vlm.ppo_update = stop_at_third
-    try:
-        with pytest.raises(SystemExit) as e:
-            rl4vlm.main(FAST + ["--cache-dir", str(out / "cache"), "--out-dir", str(out), "--run-name", "run",
-                                "--checkpoint-every", "1"])
-    finally:
-        rl4vlm.ppo_update = real_update
-    assert e.value.code == 130
-    return out / "run"
-
-
 @pytest.mark.parametrize("kind", ["truncated state.pt", "missing envs.json", "latest names nothing",
                                   "damaged metrics line", "half-written cached model",
                                   "pickle payload in envs.json", "pickle payload in state.pt"])
@@ -1847,14 +1860,6 @@ def test_two_ranks_resume_exactly(two_ranks):
     assert len(read_metrics(out / "full")) == 2
     assert len(json.loads((out / "full" / "checkpoint-00002" / "envs.json").read_text())) == 2, "both ranks' envs"
     assert rank0["resumed"]["rl"]["success"] == rank0["full"]["rl"]["success"]
-
-
-def failing_rank_job(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    rl4vlm.init_distributed(rl4vlm.Settings(dist_timeout=0.1))
-    if rank == 1:
-        raise RuntimeError("rank 1 fails")
-    rl4vlm.gather("rank 0 waits for rank 1")
 
 
 def test_a_failing_rank_stops_the_other_instead_of_hanging():
