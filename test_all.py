@@ -237,7 +237,8 @@ def two_rank_job(rank, port, policy_dir, cache, out):
     policy = rl4vlm.load_policy(str(cache / "builtin-seed1"), "cpu")
     ppo.load_adapter(policy.model, policy_dir)
     policy.model.eval()
-    policy.value_head = torch.load(policy_dir / "value_head.pt", weights_only=False)
+    policy.value_head = ppo.ValueHead(policy.model.config.get_text_config().hidden_size)
+    policy.value_head.load_state_dict(torch.load(policy_dir / "value_head.pt", weights_only=True))
     samples, advantages, returns = update_batch(policy)
     s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, temperature=0.2, target_kl=0)
     half = slice(4 * rank, 4 * rank + 4)
@@ -280,9 +281,9 @@ def two_ranks(policy, cache, tmp_path_factory):
     """two_rank_job in two spawned processes; returns what each saw, and the out folder."""
     out = tmp_path_factory.mktemp("two-ranks")
     ppo.save_adapter(policy.model, out / "policy")
-    torch.save(policy.value_head, out / "policy" / "value_head.pt")
+    torch.save(policy.value_head.state_dict(), out / "policy" / "value_head.pt")
     torch.multiprocessing.spawn(two_rank_job, args=(free_port(), out / "policy", cache, out), nprocs=2)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out  # written by the children above
 
 
 def read_page(page):
