@@ -963,7 +963,7 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | No
     low, high = wilson(wins, n)
     result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
                   format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
-    result["expert_match"] = expert_match(policy, task, s, deals)
+    result["expert_match"] = expert_match(policy, task, s, deals, n=min(200, s.eval_episodes))
     log(f"{label}: success {result['success']:.3f}, greedy action = expert's on {result['expert_match']:.3f} "
         f"of held-out states along the expert's path")
     if task.solvable:  # the share of the evaluated deals that can be won at all

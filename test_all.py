@@ -347,14 +347,6 @@ def stopped_run(cache, tmp_path_factory):
     return out / "run"
 
 
-def failing_rank_job(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    rl4vlm.init_distributed(rl4vlm.Settings(dist_timeout=0.1))
-    if rank == 1:
-        raise RuntimeError("rank 1 fails")
-    rl4vlm.gather("rank 0 waits for rank 1")
-
-
 
 def strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("rollout_seconds", "steps_per_second")} for r in rows]
@@ -1864,11 +1856,15 @@ def test_two_ranks_resume_exactly(two_ranks):
 
 
 def test_a_failing_rank_stops_the_other_instead_of_hanging():
-    context = torch.multiprocessing.start_processes(failing_rank_job, args=(free_port(),), nprocs=2, join=False,
-                                                    start_method="spawn")
-    for process in context.processes:
-        process.join(timeout=120)
-    assert [p.exitcode for p in context.processes] == [1, 1], "rank 0 must fail too, not wait"
+    """Two gloo processes: rank 1 raises, rank 0 waits for it in a gather and must fail too (a
+    3-second process-group timeout), not hang."""
+    job = ("import os, rl4vlm; rl4vlm.init_distributed(rl4vlm.Settings(dist_timeout=0.05))\n"
+           "if os.environ['RANK'] == '1': raise RuntimeError('rank 1 fails')\nrl4vlm.gather('rank 0 waits')")
+    port = free_port()
+    processes = [subprocess.Popen([sys.executable, "-c", job], cwd=HERE, stderr=subprocess.DEVNULL, env=dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"))
+        for r in range(2)]
+    assert [p.wait(timeout=120) for p in processes] == [1, 1], "rank 0 must fail too, not wait"
 
 
 def test_a_seed_of_several_gives_what_it_gives_alone(cache, tmp_path):
