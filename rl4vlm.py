@@ -281,7 +281,8 @@ def write_atomically(path: Path, write) -> None:
     """write(tmp), a file or a folder beside `path`; flush it to disk, rename it to `path`, flush
     the folder: after a crash `path` is the old one or the new one, never half of either."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a crash
+    tmp.unlink(missing_ok=True)  # or a file
     write(tmp)
     for name in [*tmp.rglob("*"), tmp]:
         flush(name)
@@ -559,7 +560,6 @@ def collate(samples: list[Sample], pad_id: int) -> tuple[dict, torch.Tensor, tor
 
 # ----------------------------------------------------------------------------------------
 # Random streams and environments.
-#
 # A stream is a range of episode seeds, one per (stream, seed, rank): training (per rank),
 # evaluation and the warm start's states. The ranges never meet (test_episode_seed_streams_never_overlap),
 # so no deal is played by two streams, and each stream's first seed also seeds its numpy and
@@ -575,9 +575,8 @@ def stream(name: str, seed: int, rank: int = 0) -> range:
 
 
 class EnvPool:
-    """num_envs copies of one task; every episode gets the next seed of the stream, so a run's
-    episodes do not depend on how they were batched. (gymnasium's vector envs seed each env once
-    and then continue its generator: a deal would depend on which env played it.)"""
+    """num_envs copies of one task; each episode gets the stream's next seed, whatever the batching
+    (gymnasium's vector envs seed each env once: a deal would depend on which env played it)."""
 
     def __init__(self, env_id: str, num_envs: int, seeds: range):
         # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
@@ -812,8 +811,7 @@ def prompt_values(policy: Policy, task, images, infos, s: Settings) -> torch.Ten
 
 @dataclass
 class Rollout:
-    """num_steps steps of every env: the samples (flat, step-major: samples[t * num_envs + i])
-    and the (num_steps, num_envs) tensors GAE needs."""
+    """num_steps steps of every env: samples (step-major: t * num_envs + i), tensors (num_steps, num_envs)."""
     samples: list[Sample]
     rewards: torch.Tensor
     values: torch.Tensor       # V(s_t) while sampling
@@ -1132,7 +1130,8 @@ def read_checkpoint(run_dir: Path) -> dict:
 
 def restore_checkpoint(saved: dict, policy: Policy, optimizer, scheduler, pool) -> np.random.Generator:
     """Put a checkpoint read by read_checkpoint back: weights, optimizer, envs and generators."""
-    rank, state, mine = rank_and_world()[0], saved["state"], saved["ranks"][rank_and_world()[0]]
+    rank = rank_and_world()[0]
+    state, mine = saved["state"], saved["ranks"][rank]
     with damaged(saved["folder"], saved["advice"]):
         ppo.load_adapter(policy.model, saved["folder"])
         policy.value_head.load_state_dict(state["value_head"])
@@ -1323,7 +1322,8 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def curve(folder: Path) -> tuple[list, list]:
-    return [m["env_steps"] for m in metrics(folder)], [m["success"] for m in metrics(folder)]
+    history = metrics(folder)  # read once
+    return [m["env_steps"] for m in history], [m["success"] for m in history]
 
 
 def seed_rows(rows, seeds) -> list[str]:
