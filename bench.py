@@ -70,16 +70,16 @@ def drawing_afresh(pool):
     return pool
 
 
-def paper_style_rollout(policy, task, pool, s, rng, steps):
+def paper_style_rollout(policy, task, pool, rng, steps):
     """One env at a time, no caches; after generating, a second full forward gives log-probs and value."""
     cached, rl4vlm.encode_prompts = rl4vlm.encode_prompts, lambda processor, images, prompts, device: [
         rl4vlm.encode_prompt(processor, image, prompt, device) for image, prompt in zip(images, prompts)]
     try:
         for _ in range(steps):
             for i in range(len(pool.envs)):
-                samples = rl4vlm.act(policy, task, [pool.obs[i]], [pool.infos[i]], s, rng)
+                samples = rl4vlm.act(policy, task, [pool.obs[i]], [pool.infos[i]], rng)
                 with torch.no_grad():
-                    rl4vlm.logprobs_and_values(policy, *rl4vlm.collate(samples, policy.pad_id)[:3], s.temperature)
+                    rl4vlm.logprobs_and_values(policy, *rl4vlm.collate(samples, policy.pad_id)[:3])
                 pool.step(i, samples[0].action)
     finally:
         rl4vlm.encode_prompts = cached
@@ -167,9 +167,7 @@ def main():
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     policy = rl4vlm.warm_started_policy(s, task, print)
-    model = policy.model.eval()
-    ppo.add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, rl4vlm.lora_targets(model, s))
-    policy.value_head = ppo.ValueHead(model.config.get_text_config().hidden_size)
+    model, params = policy.model, rl4vlm.add_trainable(policy, s)
     seeds = range(10**6)
 
     def median_rate(run, count):
@@ -183,14 +181,14 @@ def main():
     # rollouts; a warm-up rollout first fills the caches, as the first update of a run does
     rollout_rates = {}
     for n in (1, 8, 32):
-        ss = replace(s, num_envs=n, num_steps=args.steps)
         pool = rl4vlm.EnvPool(task.env_id, n, seeds)
-        rl4vlm.rollout(policy, task, pool, ss, rng)
-        rollout_rates[f"ours, {n} envs"] = median_rate(lambda: rl4vlm.rollout(policy, task, pool, ss, rng), n * args.steps)
+        rl4vlm.rollout(policy, task, pool, args.steps, 0.0, rng)
+        rollout_rates[f"ours, {n} envs"] = median_rate(lambda: rl4vlm.rollout(policy, task, pool, args.steps, 0.0, rng),
+                                                       n * args.steps)
     pool = drawing_afresh(rl4vlm.EnvPool(task.env_id, 32, seeds))
     steps = max(1, args.steps // 4)  # its rate does not grow with steps or envs
     rollout_rates["paper-style, 32 envs"] = median_rate(
-        lambda: paper_style_rollout(policy, task, pool, replace(s, num_envs=32), rng, steps), 32 * steps)
+        lambda: paper_style_rollout(policy, task, pool, rng, steps), 32 * steps)
     speedup = rollout_rates["ours, 32 envs"] / rollout_rates["paper-style, 32 envs"]
 
     # where our rollout's time goes, at 32 envs
@@ -202,10 +200,9 @@ def main():
     for obj, name, part in parts:
         setattr(obj, name, profile.wrap(getattr(obj, name), part))
     model.generate = profile.wrap(model.generate, "generation")
-    ss = replace(s, num_envs=32, num_steps=args.steps)
     pool = rl4vlm.EnvPool(task.env_id, 32, seeds)
     t0 = time.perf_counter()
-    batch = rl4vlm.rollout(policy, task, pool, ss, rng)
+    batch = rl4vlm.rollout(policy, task, pool, args.steps, 0.0, rng)
     samples = batch.samples
     total = time.perf_counter() - t0
     for obj, name, fn in originals:
@@ -228,14 +225,13 @@ def main():
         for k in range(0, len(samples), 32):
             chunk = samples[k:k + 32]
             prompt, gen_ids, gen_mask, weights = rl4vlm.collate(chunk, policy.pad_id)
-            logprobs, v = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask, s.temperature)
+            logprobs, v = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask)
             diff_logprob = max(diff_logprob, float(((logprobs * weights).sum(1) - torch.tensor([x.logprob for x in chunk])).abs().max()))
             diff_value = max(diff_value, float((v - torch.tensor([x.value for x in chunk])).abs().max()))
 
     # PPO update, one epoch over the rollout's samples, at several micro-batch sizes
     advantages, returns = ppo.compute_gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
                                           batch.truncated, s.gamma, s.gae_lambda)
-    params = ppo.lora_parameters(model) + list(policy.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: every measurement sees the same weights
     update_rates = {}
     for micro in (8, 16, 32, 64, 128):

@@ -1,26 +1,14 @@
-"""The four gym-cards tasks of RL4VLM (Zhai et al. 2024), their prompts, labels and experts.
+"""The four gym-cards tasks of RL4VLM (Zhai et al. 2024) as gymnasium envs, their prompts, labels and experts.
 
-What lives here:
-- NumberLine-v0, EZPoints-v0, Points24-v0, Blackjack-v0 as gymnasium environments that follow
-  shared/gym-cards-rules.md (state distribution, action indices, step order, rewards, info keys).
-  Every observation is a 300x300 RGB uint8 picture drawn with Pillow's built-in font, with ranks and
-  numbers large enough to read after the model shrinks the picture to 64-96 px.
-  Importing this module registers the gym_cards/... ids with a 300-step time limit.
-- TASKS: one table entry per task with its legal action strings, prompt and answer builders
-  (with and without chain of thought), perception labels and an expert computed from the true state.
-- The solvers behind the experts: a Points solver that uses the env's own evaluator semantics, and
-  a dynamic programme over Blackjack's infinite deck for the best fixed policy.
-
-Behaviour follows the rules file exactly. Choices the rules leave open:
-- A Points formula is evaluated by walking its Python syntax tree (same results as eval on the joined
-  text), except that an integer power above 2**65536 counts as no number instead of hanging; see formula_value().
-- Blackjack draws its cards from np_random exactly as gymnasium's Blackjack-v1 does (same seed, same
-  cards, same rewards; tested). To keep that so, only the dealer's face-up card gets a drawn suit (the
-  draw gymnasium makes); the player's cards take suits in a fixed order, which carry no information.
-- Points solvability means: some formula over the four numbers with + - * / and parentheses, written
-  in the env's actions (no two numbers adjacent), that the env accepts (float semantics, exact ==).
-
-`python bench.py --experts` prints the experts' success; `python bench.py --pictures DIR` saves sample pictures.
+NumberLine-v0, EZPoints-v0, Points24-v0 and Blackjack-v0 follow the original gym-cards rules (state distribution,
+action indices, step order, rewards, info keys); importing this module registers them with a 300-step time limit.
+Every observation is a 300x300 RGB picture drawn with Pillow's built-in font. TASKS holds one table entry per task:
+legal actions, prompt and answer builders, perception labels, and an expert computed from the true state (a Points
+solver that uses the env's own evaluator, a dynamic programme for Blackjack). Choices the rules leave open:
+1. A Points formula is evaluated by walking its syntax tree (eval's results), but an integer power above 2**65536
+   is no number instead of a hang (formula_value).
+2. Blackjack draws exactly as gymnasium's Blackjack-v1 (tested); only the dealer's face-up card draws a suit.
+3. A Points deal is solvable if some formula with + - * / and parentheses, in the env's actions, is accepted.
 """
 import ast
 import functools
@@ -52,9 +40,7 @@ def card_name(rank, suit):
     return RANK_TEXT.get(rank, str(rank)) + suit
 
 
-# ---------------------------------------------------------------------------------------------------
-# Pictures
-
+# ---- Pictures
 
 @functools.cache
 def font(size):
@@ -130,11 +116,10 @@ def formula_sprites(entries, top, size):
     return sprites
 
 
-# A picture is a background colour and sprites at fixed places: cards, card backs, words. Each
-# sprite is painted once into its own small tile (a bounded cache keyed by what the sprite shows),
-# and render() copies the tiles into a copy of the blank picture: the pixels of painting every
-# sprite onto one canvas (draw(), the reference; tested), in microseconds instead of milliseconds.
-# A cache of whole pictures would save nothing more: copying one out costs as much as this.
+# A picture is a background colour and sprites at fixed places: cards, card backs, words. Each sprite is painted once
+# into its own small tile (a bounded cache keyed by what it shows), and render() copies the tiles into a copy of the
+# blank picture: the pixels of painting every sprite onto one canvas (draw(), the reference; tested), in microseconds
+# instead of milliseconds. A cache of whole pictures would save nothing more: copying one out costs as much.
 
 def paint(image, x, y, kind, *args):
     """Paint one sprite onto a PIL image, its anchor at (x, y)."""
@@ -177,18 +162,13 @@ def tile(background, kind, *args):
     return pixels, left, top
 
 
-# ---------------------------------------------------------------------------------------------------
-# Environments
-
+# ---- Environments
 
 class GymCardsEnv(gym.Env):
-    """Common frame: reset = deal + picture, step = play + picture.
-
-    Subclasses define the game in deal() (draw a state from self.np_random), play(action) ->
-    (reward, terminated, truncated), info() and sprites() -> [(x, y, kind, *args)], what the picture
-    shows over the background colour. Tests set a state by assigning the state attributes after
-    reset(); fast simulations call deal()/play()/info() and skip the picture.
-    """
+    """Common frame: reset = deal + picture, step = play + picture. Subclasses define the game in deal() (a state
+    drawn from self.np_random), play(action) -> (reward, terminated, truncated), info() and sprites() -> [(x, y, kind,
+    *args)], what the picture shows. Tests set a state by assigning its attributes after reset(); fast simulations
+    call deal()/play()/info() and skip the picture."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
     actions: tuple[str, ...] = ()
@@ -269,12 +249,10 @@ MAX_POWER_BITS = 1 << 16
 def formula_value(text):
     """What eval(text) gives for a formula's joined text, or None where eval fails or gives no number.
 
-    Walks the syntax tree and applies Python's own operators, so results (float rounding, int exactness,
-    ZeroDivisionError) are eval's. One departure: eval hangs on 10**10**10, so an integer power above
-    2**MAX_POWER_BITS is None. Such a power takes three of the at most four numbers (base 10 needs an
-    exponent over 19,000), and no operation with the one number left brings it back to exactly 12 or 24,
-    so no reward changes.
-    """
+    Walks the syntax tree and applies Python's own operators, so results (float rounding, int exactness, division
+    by zero) are eval's. One departure: eval hangs on 10**10**10, so an integer power above 2**MAX_POWER_BITS is None.
+    Such a power takes three of the at most four numbers (base 10 needs an exponent over 19,000), and no operation
+    with the one number left brings it back to exactly 12 or 24, so no reward changes."""
     try:
         tree = ast.parse(text.lstrip(" "), mode="eval")  # eval drops leading blanks, ast.parse would not
     except SyntaxError:
@@ -412,16 +390,14 @@ class BlackjackEnv(GymCardsEnv):
         return {"Dealer": [card_value(r) for r in self.dealer], "Player": [card_value(r) for r in self.player]}
 
     def sprites(self):
-        w, h, rank_size, step = self.card_w, self.card_h, self.rank_size, self.card_w + self.gap
-        return ([(self.left, 8, "card", self.dealer[0], self.up_suit, w, h, rank_size), (self.left + step, 8, "back", w, h),
-                 (self.left + 2 * step + 12, 50, "text", "Dealer", 36, "white", 0, "lm")]
-                + [(self.left + (i % 5) * step, 112 + (i // 5) * (h + 8), "card", rank, SUITS[i % 4], w, h, rank_size)
-                   for i, rank in enumerate(self.player)])  # five cards a row
+        w, h, size, step, left = self.card_w, self.card_h, self.rank_size, self.card_w + self.gap, self.left
+        dealer = [(left, 8, "card", self.dealer[0], self.up_suit, w, h, size), (left + step, 8, "back", w, h),
+                  (left + 2 * step + 12, 50, "text", "Dealer", 36, "white", 0, "lm")]
+        return dealer + [(left + (i % 5) * step, 112 + (i // 5) * (h + 8), "card", rank, SUITS[i % 4], w, h, size)
+                         for i, rank in enumerate(self.player)]  # five cards a row
 
 
-# ---------------------------------------------------------------------------------------------------
-# Solvers behind the experts
-
+# ---- Solvers behind the experts
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}  # a single number binds tightest (3)
 APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
@@ -546,9 +522,7 @@ def blackjack_expert(info):
     return blackjack_optimum()[0][(total, usable, info["Dealer"][0])]  # only the face-up card
 
 
-# ---------------------------------------------------------------------------------------------------
-# The task table: what the training loop needs from each task
-
+# ---- The task table: what the training loop needs from each task
 
 @dataclass(frozen=True)
 class Task:
@@ -626,7 +600,16 @@ def blackjack_thought(info):
     return f"{'soft' if usable else 'hard'} {total} against {info['Dealer'][0]}"
 
 
-POINTS_GOAL = "Append numbers and operators to make a formula equal to {} that uses {} once; J, Q, K count as 10{}."
+def points_task(env_id, env_class, cards, ace, read_cards, defaults, **more):
+    """The table entry of a Points task, from its env's actions and target and how its prompt names the cards."""
+    actions, target = env_class.actions, env_class.target
+    goal = f"Append numbers and operators to make a formula equal to {target} that uses {cards} once; J, Q, K count as"
+    return Task(env_id, env_class, f"{goal} 10{ace}.", read_spec=f'"cards": [{read_cards}], "formula": "<formula>"',
+                read=points_read, thought=functools.partial(points_thought, actions, target), context=points_context,
+                labels=lambda info: [v - 1 for v in info["Numbers"]], label_classes=(10,) * len(env_class.card_boxes),
+                expert=functools.partial(points_expert, actions, target), defaults=defaults, **more)
+
+
 TASKS = {task.env_id: task for task in (
     Task("gym_cards/NumberLine-v0", NumberLineEnv, "Move the current number to the target number.",
          read_spec='"current": <number>, "target": <number>',
@@ -636,20 +619,12 @@ TASKS = {task.env_id: task for task in (
          expert=lambda info: None if info["Current"] == info["Target"] else int(info["Target"] > info["Current"]),
          defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=400, sft_expert=0.0),
          paper=dict(rl=89.4, no_cot=26.9, sft=24.8)),
-    Task("gym_cards/EZPoints-v0", EZPointsEnv, POINTS_GOAL.format(12, "both card values", ""),
-         read_spec='"cards": [<value>, <value>], "formula": "<formula>"', read=points_read,
-         thought=functools.partial(points_thought, EZPointsEnv.actions, 12),
-         labels=lambda info: [n - 1 for n in info["Numbers"]], label_classes=(10, 10),
-         expert=functools.partial(points_expert, EZPointsEnv.actions, 12), context=points_context,
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600, sft_expert=0.2),
-         paper=dict(rl=50.0, no_cot=29.9, sft=23.0)),
-    Task("gym_cards/Points24-v0", Points24Env, POINTS_GOAL.format(24, "all four card values", ", an ace 1"),
-         read_spec='"cards": [<4 values>], "formula": "<formula>"', read=points_read,
-         thought=functools.partial(points_thought, Points24Env.actions, 24),
-         labels=lambda info: [n - 1 for n in info["Numbers"]], label_classes=(10, 10, 10, 10),
-         expert=functools.partial(points_expert, Points24Env.actions, 24), context=points_context,
-         defaults=dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_expert=0.5),
-         paper=dict(rl=2.3, no_cot=0.0, sft=2.6), solvable=lambda info: points24_solvable(info["Numbers"])),
+    points_task("gym_cards/EZPoints-v0", EZPointsEnv, "both card values", "", "<value>, <value>",
+                dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600, sft_expert=0.2),
+                paper=dict(rl=50.0, no_cot=29.9, sft=23.0)),
+    points_task("gym_cards/Points24-v0", Points24Env, "all four card values", ", an ace 1", "<4 values>",
+                dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_expert=0.5),
+                paper=dict(rl=2.3, no_cot=0.0, sft=2.6), solvable=lambda info: points24_solvable(info["Numbers"])),
     Task("gym_cards/Blackjack-v0", BlackjackEnv,
          "Get closer to 21 than the dealer without going over; J, Q, K count as 10, an ace 1 or 11.",
          read_spec='"dealer": <face-up card value>, "player": <your total>', read=blackjack_read,

@@ -1,26 +1,14 @@
-r"""Text to action: find the value of the last "action" key in a model's answer.
+r"""Text to action: the value of the last "action" key in a model's answer, if it is exactly one legal action.
 
-The model is asked for a JSON answer whose last field is "action", but what it
-writes is free text: the JSON may sit in a code fence, be followed by prose,
-be cut off by the token limit, or use single quotes or no quotes at all. We
-read the value of the LAST "action" key and accept it only when it equals one
-legal action string exactly (after trimming spaces and quotes), so "10" is
-never read as "1" and "+ or -" names no action. When nothing legal is found
-the caller plays a random legal action and counts a format failure (the paper).
-
-Formats ACTION_RE accepts (the value read is in <>):
-    {"action": "<10>"}    {'action': '<hit>'}    "Action" : <+>, ...    action: <stand>
-    ```json\n{"thoughts": "...", "action": "<=>"}\n```  followed by any text
-    {"thoughts": "...", "action": "<*>      (cut off: no closing quote or brace)
-
-Choices:
-1. Case-insensitive comparison: "Hit" and "HIT" are "hit". The actions are
-   symbols, digits, "stand" and "hit", so this merges nothing.
-2. Cut-off text is read as written: '{"action": "+' (no closing quote) reads
-   "+". The action played is then exactly the tokens the model sampled, even
-   if '"action": "1' was cut before a "0" would have come.
-3. An unquoted value runs to the next ',' '}' quote, newline or the end:
-   'action: hit }' reads "hit", 'action: hit.' reads "hit." (not legal).
+The model is asked for JSON whose last field is "action", but it writes free text: the JSON may sit in a code
+fence, be followed by prose, be cut off by the token limit, or use single quotes or none. ACTION_RE reads
+    {"action": "<10>"}   {'action': '<hit>'}   "Action" : <+>, ...   action: <stand>   {"action": "<*>  (cut off)
+(the value read in <>). Choices:
+1. The value is compared, trimmed of spaces and quotes, with each legal action case-insensitively ("Hit" is
+   "hit"), and must equal one exactly: "10" is never read as "1", and "+ or -" names no action.
+2. Cut-off text is read as written: '{"action": "+' reads "+", so the action played is the tokens sampled.
+3. An unquoted value runs to the next ',' '}' quote, newline or the end: 'action: hit.' reads "hit." (not legal).
+When nothing legal is found the caller plays a random legal action and counts a format failure (the paper).
 """
 import re
 from typing import Sequence

@@ -1,17 +1,12 @@
 """PPO for a vision-language policy: GAE, the clipped loss, LoRA written by hand, the value head.
 
-The policy's log-prob of an answer is lambda * (thought tokens) + (action tokens),
-computed by the caller (rl4vlm.py); everything here sees only per-sample numbers.
-
+Everything here sees per-sample numbers; rl4vlm.py computes log pi(a|s) from the answer's tokens.
 Departures from textbook PPO (Schulman et al. 2017) and from CleanRL's ppo.py:
-1. Truncation bootstraps: for a truncated step next_values holds V of the episode's final
-   observation; only termination cuts the bootstrap (CleanRL treats both as termination).
-2. No advantage normalisation inside ppo_loss (the caller normalises per minibatch), so at
-   ratio 1 the policy loss is exactly -mean(adv).
-3. The value loss is clipped with clip_coef (as CleanRL and the RL4VLM code do).
-4. approx_kl is (ratio - 1) - log ratio; explained_variance is of the rollout's values.
-5. LoRA adapters and the value head (H -> 1024 -> 512 -> 1, as in the RL4VLM code) stay in
-   float32 whatever the base model's dtype, so small updates are not rounded away.
+1. Truncation bootstraps from V of the episode's final observation; only termination cuts it.
+2. ppo_loss does not normalise advantages (the caller does, per minibatch): at ratio 1 it is -mean(adv).
+3. The value loss is clipped with clip_coef, as CleanRL and the RL4VLM code do.
+4. LoRA adapters and the value head (H -> 1024 -> 512 -> 1, as in the RL4VLM code) stay float32 whatever
+   the base model's dtype, so that small updates are not rounded away.
 """
 import json
 import math
@@ -24,17 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-# -----------------------------------------------------------------------------
-# GAE and the PPO loss
-
+# ---- GAE and the PPO loss
 
 def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_lambda):
     """Generalised advantage estimation on (num_steps, num_envs) tensors -> (advantages, returns).
 
-    values[t] = V(s_t); next_values[t] = V(s_{t+1}), where after a truncation s_{t+1} is the
-    episode's final observation (before the automatic reset). A terminated step does not
-    bootstrap, a truncated one does; both stop the recursion at the episode's end.
-    """
+    values[t] = V(s_t); next_values[t] = V(s_{t+1}), where after a truncation s_{t+1} is the episode's final
+    observation (before the automatic reset). A terminated step does not bootstrap, a truncated one does; both stop
+    the recursion at the episode's end."""
     tensors = (rewards, values, next_values, terminated, truncated)
     assert len({x.shape for x in tensors}) == 1, f"shapes differ: {[tuple(x.shape) for x in tensors]}"
     assert values.dim() == 2, f"expected (num_steps, num_envs), got {tuple(values.shape)}"
@@ -77,14 +69,11 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
             "value_loss": v_loss.item(),
             "approx_kl": ((ratio - 1) - logratio).mean().item(),  # http://joschu.net/blog/kl-approx.html
             "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
-            "explained_variance": explained_variance(old_values, returns),
         }
     return loss, stats
 
 
-# -----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021): W x + (alpha / rank) * B A x, with B = 0 at the start
-
+# ---- LoRA (Hu et al. 2021): W x + (alpha / rank) * B A x, with B = 0 at the start
 
 class LoRALinear(nn.Module):
     """Takes the place of an nn.Linear; keeps its weight and bias under the same names."""
@@ -126,10 +115,9 @@ def _replace(model, name, module):
 def add_lora(model, rank, alpha, dropout, targets):
     """Wrap the nn.Linear layers (exactly that type) whose full name matches `targets`; freeze the rest.
 
-    targets is a regex searched in each name (e.g. r"language_model.*_proj$"), or a list of
-    final names like PEFT's target_modules (["q_proj", "v_proj"]). Returns the wrapped names.
-    Call it before adding other trainable modules to the model: it freezes every base parameter.
-    """
+    targets is a regex searched in each name (e.g. r"language_model.*_proj$"), or a list of final names like PEFT's
+    target_modules (["q_proj", "v_proj"]). Returns the wrapped names. Call it before adding other trainable modules
+    to the model: it freezes every base parameter."""
     assert not lora_modules(model), "the model already has LoRA layers"
     if not isinstance(targets, str):
         targets = r"(^|\.)(" + "|".join(map(re.escape, targets)) + r")$"
@@ -153,8 +141,7 @@ def merge_lora(model):
         _replace(model, name, linear)
 
 
-# -----------------------------------------------------------------------------
-# Adapters on disk in PEFT's format, so `PeftModel.from_pretrained(base, folder)` loads them
+# ---- Adapters on disk in PEFT's format, so `PeftModel.from_pretrained(base, folder)` loads them
 
 CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
@@ -219,9 +206,7 @@ def load_adapter(model, folder):
             getattr(m, ab).weight.copy_(tensors[f"{PREFIX}{name}.{ab}.weight"])
 
 
-# -----------------------------------------------------------------------------
-# The critic
-
+# ---- The critic
 
 class ValueHead(nn.Module):
     """V(s) from a hidden state, e.g. the last layer's at the prompt's final token."""
