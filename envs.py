@@ -575,20 +575,12 @@ def number_line_thought(info):
     return f"target is {where} current" if info["Target"] != info["Current"] else "current is at target"
 
 
-def points_read(info):
-    return {"cards": info["Numbers"], "formula": " ".join(info["Formula"])}
-
-
 def points_thought(actions, target, info):
     """The plan the expert follows and what is left of it to write: `plan: 2 * 6, to write: * 6`."""
     plan = points_plan(actions, target, info)
     if plan is None:
         return "plan: none, to write: ="  # a dead end: every move from here loses
     return f"plan: {' '.join(plan)}, to write: {' '.join(plan[len(info['Formula']):] or ('=',))}"
-
-
-def points_context(info):
-    return f'Formula: {json.dumps(" ".join(info["Formula"]))}. '
 
 
 def blackjack_read(info):
@@ -605,7 +597,9 @@ def points_task(env_id, env_class, cards, ace, read_cards, defaults, **more):
     actions, target = env_class.actions, env_class.target
     goal = f"Append numbers and operators to make a formula equal to {target} that uses {cards} once; J, Q, K count as"
     return Task(env_id, env_class, f"{goal} 10{ace}.", read_spec=f'"cards": [{read_cards}], "formula": "<formula>"',
-                read=points_read, thought=functools.partial(points_thought, actions, target), context=points_context,
+                read=lambda info: {"cards": info["Numbers"], "formula": " ".join(info["Formula"])},
+                context=lambda info: f'Formula: {json.dumps(" ".join(info["Formula"]))}. ',
+                thought=functools.partial(points_thought, actions, target),
                 labels=lambda info: [v - 1 for v in info["Numbers"]], label_classes=(10,) * len(env_class.card_boxes),
                 expert=functools.partial(points_expert, actions, target), defaults=defaults, **more)
 

@@ -26,12 +26,8 @@ TRIM = " \t\r\f\v\"'"  # trimmed off both ends of a value before comparing
 
 
 def parse_action(text: str, actions: Sequence[str]) -> tuple[int | None, tuple[int, int] | None]:
-    """Return (index into actions or None, (start, end) of the value in text or None).
-
-    text[start:end] is the value without its quotes or surrounding spaces. The span
-    is given whenever an "action" key is found, even if its value is not legal; it is
-    None only when there is no "action" key at all.
-    """
+    """(index into actions or None, (start, end) of the value in text or None). text[start:end] is the value without
+    quotes or surrounding spaces; the span is given whenever an "action" key is found, its value legal or not."""
     assert len(actions) > 0, "need at least one legal action"
     lowered = [a.lower() for a in actions]
     assert len(set(lowered)) == len(lowered), f"actions must be distinct (case-insensitively): {actions}"

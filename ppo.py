@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_lambda):
     """Generalised advantage estimation on (num_steps, num_envs) tensors -> (advantages, returns).
 
-    values[t] = V(s_t); next_values[t] = V(s_{t+1}), where after a truncation s_{t+1} is the episode's final
-    observation (before the automatic reset). A terminated step does not bootstrap, a truncated one does; both stop
-    the recursion at the episode's end."""
+    values[t] = V(s_t); next_values[t] = V(s_{t+1}), after a truncation of the episode's final observation (before
+    the reset). A terminated step does not bootstrap, a truncated one does; both end the recursion."""
     tensors = (rewards, values, next_values, terminated, truncated)
     assert len({x.shape for x in tensors}) == 1, f"shapes differ: {[tuple(x.shape) for x in tensors]}"
     assert values.dim() == 2, f"expected (num_steps, num_envs), got {tuple(values.shape)}"

@@ -36,7 +36,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 import envs
 import parse
@@ -74,18 +73,18 @@ class Settings:
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
     threads: int = _opt(1, "torch CPU threads (1: the same numbers on any machine, 0: torch's default)", check=">= 0")
     dist_timeout: float = _opt(30.0, "under torchrun: minutes a rank waits for the others", check="> 0")
-    # the method
+
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
     thought_coef: float = _opt(0.5, "lambda: weight of the thought tokens' log-prob in log pi(a|s)", check=">= 0")
     temperature: float = _opt(0.2, "sampling temperature, also applied in the loss (as in the paper)", check="> 0")
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int, check="> 0")
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action", check=">= 0")
     target_kl: float = _opt(0.05, "an update stops before a minibatch past this approx_kl (0: never)", check=">= 0")
-    # rollouts
+
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
     num_steps: int = _opt(None, "steps per env per update (default: the task's)", int, check="> 0")
     total_steps: int = _opt(None, "env steps of RL in all (default: the task's)", int, check="> 0")
-    # PPO
+
     gamma: float = _opt(0.9, "discount", check="in [0, 1]")
     gae_lambda: float = _opt(0.95, "GAE lambda", check="in [0, 1]")
     clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss", check="> 0")
@@ -101,19 +100,18 @@ class Settings:
     lora_dropout: float = _opt(0.0, "LoRA dropout (paper: 0.05)", check="in [0, 1]")
     lora_targets: str = _opt("", "regex of the linear layers LoRA wraps (default: the language model's)")
     lora_vision: bool = _opt(False, "LoRA on the vision tower's linear layers too (unless --lora-targets is given)")
-    # warm start (the paper's SFT step)
+
     sft_steps: int = _opt(None, "warm-start steps (default: the task's; 0 skips it)", int, check=">= 0")
     sft_batch: int = _opt(32, "warm-start batch size", check="> 0")
     sft_lr: float = _opt(1e-3, "warm-start learning rate", check="> 0")
-    sft_expert: float = _opt(None, "expert's share of warm-start actions (default: the task's)", float,
-                             check="in [0, 1]")
+    sft_expert: float = _opt(None, "expert's share of warm-start actions (default: task's)", float, check="in [0, 1]")
     sft_follow: float = _opt(0.75, "expert's share of moves in the play of the warm start", check="in [0, 1]")
     sft_data: str = _opt("", 'warm start on a JSONL file of {"image": path, "prompt": ..., "answer": ...} lines')
     aux_loss: str = _opt("auto", "perception loss in the warm start (auto: built-in model, no --sft-data)",
                          check=("auto", "on", "off"))
     ablations: str = _opt("", "instead of plain runs: cot (with and without chain of thought) or lambda "
                           "(thought_coef 0, 0.2, 0.5, 1)", check=tuple(ABLATIONS))
-    # evaluation and checkpoints
+
     eval_episodes: int = _opt(500, "held-out episodes per evaluation", check="> 0")
     eval_envs: int = _opt(256, "environments each rank steps in parallel while evaluating", check="> 0")
     checkpoint_every: int = _opt(5, "updates between checkpoints (and one after the last)", check="> 0")
@@ -126,13 +124,9 @@ def fail(message: str):
     raise SystemExit(f"rl4vlm.py: error: {message}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        fail(message)
-
-
 def parse_settings(argv=None) -> Settings:
-    parser = _Parser(description="RL4VLM: PPO fine-tuning of a vision-language model on gym-cards.")
+    parser = argparse.ArgumentParser(description="RL4VLM: PPO fine-tuning of a vision-language model on gym-cards.")
+    parser.error = fail  # one line, not argparse's usage block
     for f in fields(Settings):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if isinstance(f.default, bool):
@@ -175,8 +169,7 @@ def check_settings(s: Settings) -> None:
 
 
 def read_sft_data(path: str) -> list[dict]:
-    """--sft-data: a {"image": path relative to the file, "prompt": str, "answer": str} a line. Raises ValueError
-    naming the first bad line."""
+    """--sft-data: {"image": path (relative to the file), "prompt": ..., "answer": ...} lines; a bad one: ValueError."""
     if not Path(path).is_file():
         raise ValueError(f"--sft-data {path}: no such file")
     rows = []
@@ -210,8 +203,7 @@ STREAMS, MAX_SEED, MAX_RANKS, STREAM_EPISODES = ("train", "eval", "warm_start"),
 
 
 def stream(name: str, seed: int, rank: int = 0) -> range:
-    """The episode seeds of (stream, seed, rank), in the order they are played. The ranges never meet, so no deal is
-    played by two streams; a stream's first seed also seeds its numpy and torch generators."""
+    """The episode seeds of (stream, seed, rank), in order. Ranges never meet: no deal is played by two streams."""
     assert 0 <= seed < MAX_SEED and 0 <= rank < MAX_RANKS, (seed, rank)
     first = ((STREAMS.index(name) * MAX_SEED + seed) * MAX_RANKS + rank) * STREAM_EPISODES
     return range(first, first + STREAM_EPISODES)
@@ -226,8 +218,8 @@ def torch_seeded(seed: int):
 
 
 class EnvPool:
-    """num_envs copies of one task; each episode takes the stream's next seed, whatever the batching (gymnasium's
-    vector envs seed each env once: a deal would depend on which env played it)."""
+    """num_envs copies of one task; each episode takes the stream's next seed, whichever env plays it (not gymnasium's
+    vector envs: they seed each env once)."""
 
     def __init__(self, env_id: str, num_envs: int, seeds: range):
         # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
@@ -245,8 +237,7 @@ class EnvPool:
         self.episode[i], self.started, self.returns[i] = self.started, self.started + 1, 0.0
 
     def step(self, i: int, action: int):
-        """Step env i, resetting it at an episode's end. Returns reward, terminated, truncated and, when the episode
-        ended, its (final obs, final info, return), else None."""
+        """Step env i (reset at an episode's end): reward, terminated, truncated, (final obs, info, return) or None."""
         obs, reward, terminated, truncated, info = self.envs[i].step(action)
         self.returns[i] += reward
         self.obs[i], self.infos[i] = obs, info
@@ -279,8 +270,7 @@ TEXTS = hashlib.sha256(Path(envs.__file__).read_bytes()).hexdigest()[:8]  # envs
 
 
 def task_corpus(seed: int, episodes: int = 100) -> list[str]:
-    """Prompts and answers of every task, with and without chain of thought, from play that follows the expert half
-    of the time (so that winning formulas are in it too)."""
+    """Every task's prompts and answers (with and without CoT) from play that follows the expert half of the time."""
     rng, texts = np.random.default_rng(seed), []
     for task in envs.TASKS.values():
         env = gym.make(task.env_id)
@@ -296,12 +286,10 @@ def task_corpus(seed: int, episodes: int = 100) -> list[str]:
 
 
 def build_builtin(folder: Path, seed: int) -> None:
-    """A tiny LLaVA (CLIP vision tower + Llama text model) with a byte-level BPE tokenizer trained on the tasks' own
-    text, written to `folder` with save_pretrained."""
+    """A tiny LLaVA (CLIP vision tower, Llama text model) with a byte-level BPE tokenizer trained on the tasks' text."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
-    specials = ["<|pad|>", "<|end|>", "<image>", "<|user|>", "<|assistant|>"]
     # numbers and action strings stay apart; the repeated text between them merges into long tokens (short sequences)
     words = sorted({a for task in envs.TASKS.values() for a in task.actions if not a.isdigit()}, key=len, reverse=True)
     apart = Regex("|".join([r"\d+"] + [re.escape(w) for w in words]))
@@ -310,14 +298,12 @@ def build_builtin(folder: Path, seed: int) -> None:
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(task_corpus(seed), trainers.BpeTrainer(
-        vocab_size=2048, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=2048, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|pad|>", "<|end|>", "<image>", "<|user|>", "<|assistant|>"]))
     # user turn: <|user|><image>prompt; assistant turn: <|assistant|>answer<|end|>
-    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}"
-                "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}{{ '<image>' }}{% else %}{{ c['text'] }}{% endif %}"
-                "{% endfor %}{% endif %}{% if m['role'] == 'assistant' %}{{ '<|end|>' }}{% endif %}"
-                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}"
+                "{{ '<image>' if c['type'] == 'image' else c['text'] }}{% endfor %}"
+                "{{ '<|end|>' if m['role'] == 'assistant' }}{% endfor %}{{ '<|assistant|>' if add_generation_prompt }}")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|end|>", padding_side="left",
         extra_special_tokens={"image_token": "<image>", "user_token": "<|user|>", "assistant_token": "<|assistant|>"})
@@ -339,8 +325,7 @@ def build_builtin(folder: Path, seed: int) -> None:
 
 @dataclass
 class Policy:
-    """pi(a|s): the model, its processor and value head, how it answers (as loaded: temperature 1 and every token
-    weighed 1; a run sets these from its settings), and the token ids that follow from the tokenizer."""
+    """pi(a|s): model, processor, value head, how it answers (as loaded: temperature 1, lambda 1) and its token ids."""
     model: torch.nn.Module
     processor: object
     value_head: ppo.ValueHead | None = None  # added for RL
@@ -363,8 +348,7 @@ class Policy:
 
 
 def load_policy(path: str, device: str, dtype: str = "float32", grad_checkpointing: bool = False) -> Policy:
-    """Model and processor through the Auto classes; anything but an image-text-to-text model with a chat template
-    is refused with one line."""
+    """Model and processor through the Auto classes; any but an image-text-to-text VLM with a chat template fails."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     with damaged(Path(path), "check the name, or if it is a cached model, delete the folder to build it again"):
@@ -379,8 +363,7 @@ def load_policy(path: str, device: str, dtype: str = "float32", grad_checkpointi
         model.activation_checkpointing_enable()
     if processor.tokenizer.pad_token is None:  # e.g. Mistral's; padding is always masked, so EOS can stand in
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    # Sampling must draw from exactly the distribution the loss uses: drop the checkpoint's generation defaults
-    # (top_k, top_p, repetition penalty...), keep only its stop tokens.
+    # sampling draws from the loss's distribution: no generation defaults (top_k, top_p...), only the stop tokens
     eos = model.generation_config.eos_token_id or processor.tokenizer.eos_token_id
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
     return Policy(model, processor)
@@ -389,8 +372,7 @@ def load_policy(path: str, device: str, dtype: str = "float32", grad_checkpointi
 # ---- Prompts, generation and log-probs
 
 def encode_prompt(processor, image, prompt: str, device) -> dict:
-    """A chat-formatted prompt with the processor's image inputs, batch dimension 1, so that every model's image
-    inputs stay per sample whatever their layout."""
+    """A chat-formatted prompt with its image inputs, batch dim 1: any model's image inputs stay per sample."""
     bos = processor.tokenizer.bos_token
     chat = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
@@ -408,14 +390,13 @@ class TensorCache:
         self.rows, self.bytes, self.max_bytes = OrderedDict(), 0, max_bytes
 
     def get(self, key, make):
-        if key in self.rows:
-            self.rows.move_to_end(key)
-            return self.rows[key]
-        row = self.rows[key] = make()
-        self.bytes += self.size(row)
-        while self.bytes > self.max_bytes and len(self.rows) > 1:
-            self.bytes -= self.size(self.rows.popitem(last=False)[1])
-        return row
+        if key not in self.rows:
+            self.rows[key] = make()
+            self.bytes += self.size(self.rows[key])
+            while self.bytes > self.max_bytes and len(self.rows) > 1:
+                self.bytes -= self.size(self.rows.popitem(last=False)[1])
+        self.rows.move_to_end(key)
+        return self.rows[key]
 
     @staticmethod
     def size(row: dict) -> int:
@@ -426,8 +407,7 @@ _prompt_caches = weakref.WeakKeyDictionary()  # processor -> TensorCache of 256 
 
 
 def encode_prompts(processor, images, prompts: list[str], device) -> list[dict]:
-    """encode_prompt for each (picture, prompt) pair, done once per distinct pair: states and pictures repeat
-    (NumberLine has 36 states). The rows are shared, so nothing may change them in place."""
+    """encode_prompt, once per distinct (picture, prompt) pair: states repeat. The rows are shared: read only."""
     cache = _prompt_caches.setdefault(processor, TensorCache(256 * 2**20))
     return [cache.get((hashlib.sha1(np.ascontiguousarray(image)).digest(), image.shape, prompt, str(device)),
                       lambda: encode_prompt(processor, image, prompt, device))
@@ -485,8 +465,7 @@ def forward(model, prompt: dict, gen_ids, gen_mask, temperature: float = 1.0, su
     # other per-token inputs (Gemma3's token_type_ids, Qwen2-VL's mm_token_type_ids) go on with 0 (text)
     extra = {k: torch.cat([v, v.new_zeros(B, G)], 1) if v.shape == (B, P) else v
              for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
-    # logits only at the G + 1 last positions: P - 1 .. P + G - 2 predict the answer's tokens, and the LM head over
-    # the prompt would be wasted work (half the compute of a small model)
+    # logits only where they predict answer tokens (P - 1 .. P + G - 2): the LM head over the prompt is waste
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(model, ids, mask, extra),
                 output_hidden_states=True, use_cache=False, logits_to_keep=G + 1, **extra)
     logp = sampling_logprobs(out.logits[:, :-1], temperature, suppress)                 # (B, G, V)
@@ -507,8 +486,8 @@ def logprobs_and_values(policy: Policy, prompt: dict, gen_ids, gen_mask):
 
 
 def action_start(tokenizer, gen_ids: list[int], span) -> int:
-    """The first action token: the one holding the action value's first character (span: parse.py's, None: all
-    thought), by bisection over the lengths of decoded prefixes (they only grow), never from token ids."""
+    """The first action token, holding the action value's first character (span: parse.py's; None: all thought),
+    found by bisection over the lengths of decoded prefixes (they only grow), never from token ids."""
     if span is None:
         return len(gen_ids)
     lo, hi = 0, len(gen_ids)
@@ -574,18 +553,18 @@ def act(policy: Policy, task, images, infos, rng) -> list[Sample]:
 
 
 def collate(samples: list[Sample], pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples -> left-padded prompts; right-padded gen_ids, gen_mask and weights (B, G)."""
+    """Samples -> left-padded prompts; right-padded gen_ids, gen_mask and weights (B, G), on the prompts' device."""
     gen_ids, gen_mask = pad_answers([x.gen_ids for x in samples], pad_id)
     weights = torch.stack([F.pad(x.weights, (0, gen_ids.shape[1] - len(x.weights))) for x in samples])
-    return pad_prompts([x.prompt for x in samples], pad_id), gen_ids, gen_mask, weights
+    prompt = pad_prompts([x.prompt for x in samples], pad_id)
+    return prompt, *(x.to(prompt["input_ids"].device) for x in (gen_ids, gen_mask, weights))
 
 
 # ---- Warm start (the paper's SFT step): the policy before RL
 
 def warm_started_policy(s: Settings, task, log) -> Policy:
-    """The policy before RL, answering as the settings say: the base model, warm-started on the task unless
-    --sft-steps 0. Both are cached, then loaded as any checkpoint is; they draw from their own seeded streams, so a
-    cached and a fresh run continue identically."""
+    """The policy before RL, answering as the settings say: the base model, warm-started unless --sft-steps 0, both
+    cached and loaded as any checkpoint; on seeded streams of their own, so a cached run goes on as a fresh one."""
     path = s.model
     if s.model == BUILTIN:
         path = str(Path(s.cache_dir) / f"builtin-{TEXTS}-seed{s.seed}")
@@ -627,9 +606,8 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
 
 def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
     """Supervised answers (envs.py's for states of play, or an --sft-data file's) for whatever requires grad. With
-    `aux`, linear heads read the state's labels off (1) the image features: a VLM from scratch does not learn to
-    read its picture from the language loss alone (measured), (2) the last prompt token's state, the value head's
-    input, which nothing else makes carry the state. The heads are dropped after."""
+    `aux`, linear heads read the state's labels off the image features (a VLM from scratch does not learn to read
+    its picture from the language loss alone) and off the last prompt token's state, the value head's input."""
     batches = file_batches(s.sft_data, s.sft_batch, rng) if s.sft_data else states_batches(task, s, rng)
     first = next(batches)
     heads = perception_heads(policy, task, first) if aux else {}
@@ -655,8 +633,8 @@ def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
 
 
 def states_batches(task, s: Settings, rng):
-    """Batches of (pictures, prompts, answers, labels) from play that follows the expert with probability sft_follow.
-    Thoughts are true (Points: the expert's plan); the action is the expert's with probability sft_expert."""
+    """Batches of (pictures, prompts, answers, labels) from play that follows the expert with probability sft_follow;
+    thoughts are true (Points: the expert's plan), actions the expert's with probability sft_expert."""
     pool = EnvPool(task.env_id, s.sft_batch, stream("warm_start", s.seed))
     while True:
         infos = list(pool.infos)
@@ -686,8 +664,7 @@ def perception_heads(policy: Policy, task, batch) -> dict:
 
 
 def sft_loss(policy: Policy, heads: dict, task, batch):
-    """The answers' mean token negative log-likelihood on one batch, plus the perception heads' cross-entropy if
-    there are heads. Returns (loss, stats)."""
+    """The answers' mean token negative log-likelihood, plus the perception heads' cross-entropy: (loss, stats)."""
     images, prompts, answers, labels = batch
     tokenizer = policy.processor.tokenizer
     stops = tokenizer.convert_ids_to_tokens(policy.stop_ids)
@@ -712,8 +689,7 @@ def sft_loss(policy: Policy, heads: dict, task, batch):
 
 
 def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
-    """The assistant turn as the chat template writes it after the generation prompt, up to and including the first
-    stop token (default: the tokenizer's EOS): exactly what the policy should generate."""
+    """The assistant turn the chat template writes after the generation prompt, through the first stop token."""
     user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     head = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
@@ -727,8 +703,7 @@ def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
 
 
 def lora_targets(model, vision: bool = False) -> str:
-    """A regex for the language model's linear layers (with `vision` the vision tower's too), found as the model's
-    own submodules rather than by names per family."""
+    """A regex for the language model's linear layers (and the vision tower's), from the model's own submodules."""
     parts = [model.get_decoder()] + ([model.get_encoder(modality="image")] if vision else [])
     names = {id(m): name for name, m in model.named_modules()}
     if not all(names.get(id(p)) for p in parts):
@@ -772,10 +747,9 @@ class Rollout:
 
 def rollout(policy: Policy, task, pool: EnvPool, num_steps: int, format_penalty: float, rng) -> Rollout:
     """num_steps steps of this rank's envs; the statistics are over every rank's."""
-    T, N = num_steps, len(pool.envs)
-    rewards, terminated, truncated, values, next_values = (torch.zeros(T, N) for _ in range(5))
+    rewards, terminated, truncated, values, next_values = (torch.zeros(num_steps, len(pool.envs)) for _ in range(5))
     samples, episode_returns, finals = [], [], []
-    for t in range(T):
+    for t in range(num_steps):
         step_samples = act(policy, task, pool.obs, pool.infos, rng)
         for i, x in enumerate(step_samples):
             reward, term, trunc, ended = pool.step(i, x.action)
@@ -786,8 +760,7 @@ def rollout(policy: Policy, task, pool: EnvPool, num_steps: int, format_penalty:
                 if truncated[t, i]:
                     finals.append((t, i, ended[0], ended[1]))
         samples += step_samples
-    # V(s_{t+1}): the next step's value; after a truncation, the episode's final state's value (after a termination
-    # it is never used); after the last step, a bootstrap value.
+    # V(s_{t+1}): the next step's value; after a truncation the final state's; after the last step a bootstrap value
     next_values[:-1] = values[1:]
     next_values[-1] = prompt_values(policy, task, pool.obs, pool.infos)
     if finals:
@@ -842,9 +815,8 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
             places = mine[j:j + s.micro_batch]
             micro = mb[places]
             prompt, gen_ids, gen_mask, weights = collate([samples[g - rank * n] for g in micro], policy.pad_id)
-            logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids.to(policy.device),
-                                                       gen_mask.to(policy.device))
-            new_logprobs = (logprobs * weights.to(policy.device)).sum(1)     # log pi(a|s), (micro,)
+            logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids, gen_mask)
+            new_logprobs = (logprobs * weights).sum(1)     # log pi(a|s), (micro,)
             loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[places], new_values,
                                        b_values[micro], b_returns[micro], clip_coef=s.clip_coef, vf_coef=s.vf_coef)
             if not torch.isfinite(loss):
@@ -878,8 +850,8 @@ SHOWN = 4  # episodes on a page: the evaluation's first deals, whatever their ou
 
 @torch.no_grad()
 def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | None = None) -> dict:
-    """eval_episodes held-out deals, sampled as in training, on forked generators; under torchrun rank r plays
-    episodes r, r + N, r + 2N... With `page`, the first SHOWN episodes are written there."""
+    """eval_episodes held-out deals sampled as in training, on forked generators (rank r of N plays r, r + N, ...);
+    with `page`, the first SHOWN episodes are written there."""
     rank, world = rank_and_world()
     deals = stream("eval", s.seed)
     seeds, n = deals[rank::world], len(range(rank, s.eval_episodes, world))
@@ -929,8 +901,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 @torch.no_grad()
 def expert_match(policy: Policy, task, seeds: range, n: int, batch_size: int) -> float:
-    """The share of n held-out states on the expert's path where the greedy answer takes the expert's action: how
-    well the policy has learnt the decision, apart from the luck of sampling."""
+    """The share of n held-out states on the expert's path where the greedy answer takes the expert's action."""
     env, states, seed = gym.make(task.env_id, disable_env_checker=True), [], seeds.start
     while len(states) < n:
         (obs, info), done = env.reset(seed=seed), False
@@ -951,8 +922,7 @@ def expert_match(policy: Policy, task, seeds: range, n: int, batch_size: int) ->
 
 
 def write_episodes(page: Path, task, label: str, episodes: dict, processor) -> None:
-    """A Markdown page of whole episodes {deal seed: [(picture, sample, reward)]}: per step the picture, as the model
-    received it too, the answer, the action played and the reward; the pictures in a folder beside it."""
+    """A Markdown page of whole episodes {deal seed: [(picture, sample, reward)]}, pictures in a folder beside it."""
     folder, lines = page.with_suffix(""), [f"# {task.name}, {label}: the first {len(episodes)} held-out episodes", ""]
     folder.mkdir(parents=True, exist_ok=True)
     for k, (seed, steps) in enumerate(episodes.items(), 1):
@@ -985,8 +955,7 @@ def model_input(processor, prompt: dict):
 # ---- torchrun: each rank its own envs, samples and copy of the model; LoRA and value-head gradients summed
 
 def init_distributed(s: Settings) -> Settings:
-    """Join torchrun's process group: NCCL on CUDA (rank on cuda:LOCAL_RANK), gloo on CPU. In one process the
-    functions below do nothing."""
+    """Join torchrun's group: NCCL on CUDA (cuda:LOCAL_RANK), gloo on CPU. In one process, what follows does nothing."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
         return s
     if s.device.startswith("cuda"):
@@ -1019,8 +988,7 @@ def all_sum(tensors: list) -> None:
 # ---- Files that survive a crash, and checkpoints: data only (safetensors, JSON, tensors), nothing to unpickle
 
 def write_atomically(path: Path, write) -> None:
-    """write(tmp), a file or a folder beside `path`; flush it to disk, rename it to `path`, flush the folder: after
-    a crash `path` is the old one or the new one, never half of either."""
+    """write(tmp) beside `path`, fsync, rename to `path`, fsync the folder: after a crash, old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a crash
     tmp.unlink(missing_ok=True)  # or a file
@@ -1055,8 +1023,8 @@ class Training:
 
 
 def save_checkpoint(run_dir: Path, update: int, training: Training, keep: int) -> None:
-    """The adapter (PEFT's format), state.pt (tensors: value head, optimizer, scheduler, every rank's torch
-    generators) and envs.json (every rank's envs and numpy generator), written by rank 0; the newest `keep` stay."""
+    """The adapter (PEFT's format), state.pt (tensors: value head, optimizer, scheduler, torch generators) and
+    envs.json (envs and numpy generators) of every rank, written by rank 0; the newest `keep` stay."""
     torch_rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [])
     ranks = gather(dict(pool=training.pool.state(), rng=training.rng.bit_generator.state, torch_rng=torch_rng))
     if rank_and_world()[0] > 0:
@@ -1088,10 +1056,10 @@ def damaged(path: Path, advice: str):
         fail(f"{path} is damaged or missing ({reason}); {advice}")
 
 
-def read_checkpoint(run_dir: Path) -> dict:
-    """Everything a resume reads, read and checked before anything is written: the latest checkpoint, results.json
-    and the metrics lines up to the checkpoint."""
-    latest = run_dir / "latest"
+def restore_checkpoint(run_dir: Path, training: Training) -> tuple[int, dict, list[str]]:
+    """Put the latest checkpoint back (weights, optimizer, envs, generators); every file is read and checked before
+    the run folder is written to. Returns its update, results.json and the metrics lines up to it."""
+    latest, (rank, world) = run_dir / "latest", rank_and_world()
     name = latest.read_text().strip() if latest.is_file() else ""
     earlier = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.name < name)
     advice = f"write {earlier[-1]} into {latest} to resume from the checkpoint before it" if earlier else \
@@ -1103,53 +1071,42 @@ def read_checkpoint(run_dir: Path) -> dict:
         state = torch.load(folder / "state.pt", weights_only=True)
     with damaged(folder / "envs.json", advice):
         ranks = json.loads((folder / "envs.json").read_text())
-        if len(ranks) != rank_and_world()[1] or len(state["torch_rng"]) != len(ranks):
+        if len(ranks) != world or len(state["torch_rng"]) != len(ranks):
             raise ValueError(f"written by {len(ranks)} ranks: resume with as many")
-    with damaged(folder / ppo.WEIGHTS_NAME, advice):
-        load_file(folder / ppo.WEIGHTS_NAME), json.loads((folder / ppo.CONFIG_NAME).read_text())
     with damaged(run_dir / "metrics.jsonl", "mend or delete its damaged lines, then resume"):
         lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["update"] <= state["update"]]
     with damaged(run_dir / "results.json", "start the run again"):
         results = json.loads((run_dir / "results.json").read_text())
-    return dict(folder=folder, state=state, ranks=ranks, metrics=lines, results=results, advice=advice)
-
-
-def restore_checkpoint(saved: dict, training: Training) -> None:
-    """Put a checkpoint read by read_checkpoint back: weights, optimizer, envs and generators."""
-    rank = rank_and_world()[0]
-    state, mine = saved["state"], saved["ranks"][rank]
-    with damaged(saved["folder"], saved["advice"]):
-        ppo.load_adapter(training.policy.model, saved["folder"])
+    with damaged(folder, advice):
+        ppo.load_adapter(training.policy.model, folder)
         training.policy.value_head.load_state_dict(state["value_head"])
         training.optimizer.load_state_dict(state["optimizer"])
         training.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"][rank][0])
         if len(state["torch_rng"][rank]) > 1:
             torch.cuda.set_rng_state(state["torch_rng"][rank][1])
-        training.pool.load_state(mine["pool"])
-        training.rng.bit_generator.state = mine["rng"]
+        training.pool.load_state(ranks[rank]["pool"])
+        training.rng.bit_generator.state = ranks[rank]["rng"]
+    return state["update"], results, lines
 
 
 # ---- The run: warm start, evaluate, RL updates, evaluate
 
 def run(s: Settings, task, run_dir: Path) -> dict:
-    """Under torchrun every rank runs this with its own share of the envs (its own stream of episodes); only rank 0
-    logs and writes."""
+    """Under torchrun every rank runs this with its own envs (own stream of episodes); only rank 0 logs and writes."""
     rank, world = rank_and_world()
     is_main = rank == 0
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     resuming = (run_dir / "latest").exists() or any(run_dir.glob("checkpoint-*"))
-    saved = read_checkpoint(run_dir) if resuming else None  # before anything is written
     if is_main and not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
     if s.threads:
         torch.set_num_threads(s.threads)
 
-    # ---- seeding: the one place the run's random streams start. torch's generator draws the LoRA and value-head
-    # init and the sampled tokens, `rng` the fallback actions and minibatch order; EnvPool seeds every episode. The
-    # cached models and evaluation fork their own streams.
+    # ---- seeding: the one place the run's streams start. torch's generator draws the LoRA and value-head init and
+    # the tokens, `rng` fallback actions and minibatch order; EnvPool seeds episodes; cached models, evaluation fork.
     seeds = stream("train", s.seed, rank)
     torch.manual_seed(seeds.start)
     rng = np.random.default_rng(seeds.start)
@@ -1172,15 +1129,13 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     training = Training(policy, optimizer, scheduler, pool, rng)
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
-    results, start = {}, 1
+    start, results, lines = 1, {}, []
     if resuming:
-        restore_checkpoint(saved, training)
-        results, start = saved["results"], saved["state"]["update"] + 1
-        if is_main:
-            write_text(metrics_path, "".join(line + "\n" for line in saved["metrics"]))
-        log(f"resuming {run_dir} after update {start - 1}")
-    elif is_main:
-        metrics_path.write_text("")
+        update, results, lines = restore_checkpoint(run_dir, training)
+        start = update + 1
+        log(f"resuming {run_dir} after update {update}")
+    if is_main:
+        write_text(metrics_path, "".join(line + "\n" for line in lines))
     if "warm_start" not in results:
         page = s.episodes and run_dir / "episodes-warm_start.md"
         results["warm_start"] = evaluate(policy, task, s, log, "warm start", page)
@@ -1216,7 +1171,7 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     results["rl"] = evaluate(policy, task, s, log, "after RL", s.episodes and run_dir / "episodes-rl.md")
     if is_main:
         write_text(results_path, json.dumps(results, indent=1))
-        plot_curves(run_dir / "curve.png", {task.env_id: curve(run_dir)}, task.env_id)
+        plot_curves(run_dir / "curve.png", {task.env_id: run_dir}, task.env_id)
         table = results_table(task, results)
         write_text(run_dir / "results.md", table + "\n")
         log(table)
@@ -1239,17 +1194,13 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def curve(folder: Path) -> tuple[list, list]:
-    history = metrics(folder)
-    return [m["env_steps"] for m in history], [m["success"] for m in history]
-
-
-def plot_curves(path: Path, curves: dict, title: str) -> None:
-    """Success rate against env steps, one line per curve: {name: (xs, ys)}. Pillow only."""
+def plot_curves(path: Path, folders: dict, title: str) -> None:
+    """Success rate against env steps, one line per run: {name: run folder}. Pillow only."""
+    curves = {name: [(r["env_steps"], r["success"]) for r in metrics(folder)] for name, folder in folders.items()}
     W, H, m = 640, 400, 50
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    xmax = max([max(xs) for xs, _ in curves.values() if xs] or [1])
+    xmax = max([x for points in curves.values() for x, _ in points] or [1])
     d.line([(m, m), (m, H - m), (W - m, H - m)], fill="black")
     labels = [((8, H - m - y * (H - 2 * m) - 6), f"{y:.1f}") for y in (0.0, 0.5, 1.0)]
     labels += [((W - m - 40, H - m + 8), f"{xmax:,}"), ((W // 2 - 60, H - m + 24), "env steps"),
@@ -1257,8 +1208,8 @@ def plot_curves(path: Path, curves: dict, title: str) -> None:
     for place, text in labels:
         d.text(place, text, fill="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    for k, (name, (xs, ys)) in enumerate(curves.items()):
-        points = [(m + x / xmax * (W - 2 * m), H - m - y * (H - 2 * m)) for x, y in zip(xs, ys) if not math.isnan(y)]
+    for k, (name, curve) in enumerate(curves.items()):
+        points = [(m + x / xmax * (W - 2 * m), H - m - y * (H - 2 * m)) for x, y in curve if not math.isnan(y)]
         if len(points) > 1:
             d.line(points, fill=colours[k % len(colours)], width=2)
         d.text((W - m - 150, H - m - 20 - 14 * k), name, fill=colours[k % len(colours)])
@@ -1268,8 +1219,8 @@ def plot_curves(path: Path, curves: dict, title: str) -> None:
 # ---- Several runs (tasks, seeds, ablation variants), their tables, and the command line
 
 def run_many(s: Settings, tasks, run_dir: Path) -> dict:
-    """Each seed, task and --ablations variant in run_dir/seed<n>/<task>[-<variant>] (a finished run is read, an
-    interrupted one resumes), then each seed's curves and the tables: results.md and results.csv, or ablations.md."""
+    """Each seed, task and variant in run_dir/seed<n>/<task>[-<variant>] (a finished run is read, another resumed),
+    then each seed's curves and the tables (results.md and results.csv, or ablations.md)."""
     seeds, results, is_main, variants = s.seeds or [s.seed], {}, rank_and_world()[0] == 0, ABLATIONS[s.ablations]
     for seed in seeds:
         folders = {}
@@ -1282,7 +1233,7 @@ def run_many(s: Settings, tasks, run_dir: Path) -> dict:
             results[task.name, name, seed] = done
         if is_main:
             plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png",
-                        {k: curve(f) for k, f in folders.items()}, f"seed {seed}")
+                        folders, f"seed {seed}")
     if not is_main:
         return results
     if s.ablations:
@@ -1313,8 +1264,7 @@ def seed_rows(rows, seeds) -> list[str]:
 
 
 def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
-    """Markdown: success % per seed, mean and min-max against the paper's, the expert match and PPO step sizes,
-    links to the pages of episodes. CSV: every seed's numbers with their 95% interval."""
+    """Markdown: success % per seed, mean and min-max, the paper's, expert match, PPO step sizes, pages. CSV: all."""
     stages = (("warm_start", "warm start only", "sft"), ("rl", "after RL", "rl"))
     rows = [(t.name, label, [results[t.name, seed][stage] for seed in seeds], t.paper[paper])
             for t in tasks for stage, label, paper in stages]
