@@ -76,8 +76,7 @@ def draw_card(image, box, rank, suit, rank_size):
     d.rounded_rectangle(box, radius=6, fill="white", outline="black", width=2)
     corner = max(10, (x1 - x0) // 6)
     draw_suit(d, x0 + 4, y0 + 4, corner, suit, color)
-    # Draw the rank apart and squeeze it sideways where it is wider than the card ("10"), so that
-    # every rank keeps the full height.
+    # the rank drawn apart and squeezed sideways where wider than the card ("10"): every rank keeps the full height
     text, stroke = RANK_TEXT.get(rank, str(rank)), 1 + rank_size // 50
     left, top, right, bottom = font(rank_size).getbbox(text, stroke_width=stroke)
     glyphs = Image.new("L", (right - left, bottom - top))
@@ -118,7 +117,7 @@ def formula_sprites(entries, top, size):
 
 # A picture is a background colour and sprites at fixed places: cards, card backs, words. Each sprite is painted once
 # into its own small tile (a bounded cache keyed by what it shows), and render() copies the tiles into a copy of the
-# blank picture: the pixels of painting every sprite onto one canvas (draw(), the reference; tested), in microseconds
+# blank picture: the pixels of painting every sprite onto one canvas (the tests' reference), in microseconds
 # instead of milliseconds. A cache of whole pictures would save nothing more: copying one out costs as much.
 
 def paint(image, x, y, kind, *args):
@@ -200,13 +199,6 @@ class GymCardsEnv(gym.Env):
             assert 0 <= x and x + w <= SIZE and 0 <= y and y + h <= SIZE, f"sprite {sprite} leaves the picture"
             pixels[y:y + h, x:x + w] = tile_pixels
         return pixels
-
-    def draw(self):
-        """The same picture painted afresh onto one canvas, with no cache (the reference render() is tested against)."""
-        image = Image.new("RGB", (SIZE, SIZE), self.background)
-        for x, y, *sprite in self.sprites():
-            paint(image, x, y, *sprite)
-        return image
 
 
 class NumberLineEnv(GymCardsEnv):
@@ -359,15 +351,13 @@ class BlackjackEnv(GymCardsEnv):
     rank_size = 64
 
     def draw_rank(self):
-        # The draw gymnasium's choice(DECK) makes (integers(0, n) is choice(n), only faster): index i
-        # is rank i + 1 and value DECK[i].
+        # gymnasium's choice(DECK) (integers(0, n) is choice(n), only faster): index i is rank i + 1, value DECK[i]
         return int(self.np_random.integers(0, len(DECK))) + 1
 
     def deal(self):
         self.dealer = [self.draw_rank(), self.draw_rank()]  # gymnasium's order: dealer, then player
         self.player = [self.draw_rank(), self.draw_rank()]
-        # gymnasium then draws the face-up card's suit and, for a ten-valued card, its face; we make the
-        # same draws so that every later card matches gymnasium's for the same seed.
+        # then gymnasium's draws of the face-up card's suit and of a ten's face: later cards match for the same seed
         self.up_suit = SUITS[int(self.np_random.integers(0, 4))]
         if self.dealer[0] >= 10:
             self.dealer[0] = 11 + int(self.np_random.integers(0, 3))

@@ -106,11 +106,6 @@ def lora_parameters(model):
     return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def _replace(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def add_lora(model, rank, alpha, dropout, targets):
     """Wrap the nn.Linear layers (exactly that type) whose full name matches `targets`; freeze the rest.
 
@@ -126,7 +121,7 @@ def add_lora(model, rank, alpha, dropout, targets):
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
     return names
 
 
@@ -137,7 +132,7 @@ def merge_lora(model):
         m.weight += (m.lora_B.weight @ m.lora_A.weight * m.scaling).to(m.weight.dtype)  # (out, in)
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight, linear.bias = m.weight, m.bias
-        _replace(model, name, linear)
+        model.set_submodule(name, linear)
 
 
 # ---- Adapters on disk in PEFT's format, so `PeftModel.from_pretrained(base, folder)` loads them
@@ -146,8 +141,7 @@ CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safete
 
 
 def save_adapter(model, folder, base_model_name_or_path=None):
-    """Write folder/adapter_config.json and folder/adapter_model.safetensors as PEFT does.
-    (Not atomic by itself: rl4vlm writes checkpoints to a temporary folder, then renames it.)"""
+    """folder/adapter_config.json and adapter_model.safetensors as PEFT writes them (not atomic: the caller renames)."""
     modules = lora_modules(model)
     assert modules, "the model has no LoRA layers; call add_lora first"
     _, first = modules[0]
@@ -177,8 +171,7 @@ def save_adapter(model, folder, base_model_name_or_path=None):
 @torch.no_grad()
 def load_adapter(model, folder):
     """Load a PEFT LoRA adapter; if the model has no LoRA layers yet, add them as the config says."""
-    with open(os.path.join(folder, CONFIG_NAME)) as f:
-        config = json.load(f)
+    config = json.loads(Path(folder, CONFIG_NAME).read_text())
     options = ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
     unsupported = {k: config[k] for k in options if config.get(k)} | ({} if config.get("bias", "none") == "none" else
                                                                        {"bias": config["bias"]})

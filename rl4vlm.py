@@ -1012,29 +1012,19 @@ def write_text(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-@dataclass
-class Training:
-    """What RL changes as it goes, so what a checkpoint holds (with torch's generator)."""
-    policy: Policy
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    pool: EnvPool
-    rng: np.random.Generator  # fallback actions and minibatch order
-
-
-def save_checkpoint(run_dir: Path, update: int, training: Training, keep: int) -> None:
-    """The adapter (PEFT's format), state.pt (tensors: value head, optimizer, scheduler, torch generators) and
-    envs.json (envs and numpy generators) of every rank, written by rank 0; the newest `keep` stay."""
+def save_checkpoint(run_dir: Path, update: int, policy: Policy, scheduler, pool: EnvPool, rng, keep: int) -> None:
+    """What RL changes: the adapter (PEFT's format), state.pt (tensors: value head, the scheduler and its optimizer,
+    torch generators) and envs.json (envs, numpy generators), of every rank; rank 0 writes; the newest `keep` stay."""
     torch_rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [])
-    ranks = gather(dict(pool=training.pool.state(), rng=training.rng.bit_generator.state, torch_rng=torch_rng))
+    ranks = gather(dict(pool=pool.state(), rng=rng.bit_generator.state, torch_rng=torch_rng))
     if rank_and_world()[0] > 0:
         return
     folder = run_dir / f"checkpoint-{update:05d}"
 
     def write(tmp: Path):
-        ppo.save_adapter(training.policy.model, tmp)
-        torch.save(dict(update=update, value_head=training.policy.value_head.state_dict(),
-                        optimizer=training.optimizer.state_dict(), scheduler=training.scheduler.state_dict(),
+        ppo.save_adapter(policy.model, tmp)
+        torch.save(dict(update=update, value_head=policy.value_head.state_dict(),
+                        optimizer=scheduler.optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         torch_rng=[r.pop("torch_rng") for r in ranks]), tmp / "state.pt")
         (tmp / "envs.json").write_text(json.dumps(ranks))
     write_atomically(folder, write)
@@ -1056,14 +1046,13 @@ def damaged(path: Path, advice: str):
         fail(f"{path} is damaged or missing ({reason}); {advice}")
 
 
-def restore_checkpoint(run_dir: Path, training: Training) -> tuple[int, dict, list[str]]:
+def restore_checkpoint(run_dir: Path, policy: Policy, scheduler, pool: EnvPool, rng) -> tuple[int, dict, list[str]]:
     """Put the latest checkpoint back (weights, optimizer, envs, generators); every file is read and checked before
     the run folder is written to. Returns its update, results.json and the metrics lines up to it."""
     latest, (rank, world) = run_dir / "latest", rank_and_world()
     name = latest.read_text().strip() if latest.is_file() else ""
     earlier = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.name < name)
-    advice = f"write {earlier[-1]} into {latest} to resume from the checkpoint before it" if earlier else \
-        "start the run again"
+    advice = f"write {earlier[-1]} into {latest} to resume from the one before" if earlier else "start the run again"
     folder = run_dir / name
     if not name.startswith("checkpoint-") or not folder.is_dir():
         fail(f"{latest} names no checkpoint folder; {advice}")
@@ -1079,15 +1068,15 @@ def restore_checkpoint(run_dir: Path, training: Training) -> tuple[int, dict, li
     with damaged(run_dir / "results.json", "start the run again"):
         results = json.loads((run_dir / "results.json").read_text())
     with damaged(folder, advice):
-        ppo.load_adapter(training.policy.model, folder)
-        training.policy.value_head.load_state_dict(state["value_head"])
-        training.optimizer.load_state_dict(state["optimizer"])
-        training.scheduler.load_state_dict(state["scheduler"])
+        ppo.load_adapter(policy.model, folder)
+        policy.value_head.load_state_dict(state["value_head"])
+        scheduler.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"][rank][0])
         if len(state["torch_rng"][rank]) > 1:
             torch.cuda.set_rng_state(state["torch_rng"][rank][1])
-        training.pool.load_state(ranks[rank]["pool"])
-        training.rng.bit_generator.state = ranks[rank]["rng"]
+        pool.load_state(ranks[rank]["pool"])
+        rng.bit_generator.state = ranks[rank]["rng"]
     return state["update"], results, lines
 
 
@@ -1126,12 +1115,11 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     log(f"LoRA on {len(ppo.lora_modules(policy.model))} linear layers, {sum(p.numel() for p in params):,} "
         f"trainable parameters; {num_updates} updates of {batch_size} env steps")
     pool = EnvPool(task.env_id, s.num_envs // world, seeds)
-    training = Training(policy, optimizer, scheduler, pool, rng)
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
     start, results, lines = 1, {}, []
     if resuming:
-        update, results, lines = restore_checkpoint(run_dir, training)
+        update, results, lines = restore_checkpoint(run_dir, policy, scheduler, pool, rng)
         start = update + 1
         log(f"resuming {run_dir} after update {update}")
     if is_main:
@@ -1162,7 +1150,7 @@ def run(s: Settings, task, run_dir: Path) -> dict:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             if update % s.checkpoint_every == 0 or update == num_updates:
-                save_checkpoint(run_dir, update, training, s.keep_checkpoints)
+                save_checkpoint(run_dir, update, policy, scheduler, pool, rng, s.keep_checkpoints)
     except KeyboardInterrupt:
         last = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else "none"
         log(f"\ninterrupted; last checkpoint: {last}. Continue with: python rl4vlm.py --resume {run_dir}")
@@ -1232,8 +1220,7 @@ def run_many(s: Settings, tasks, run_dir: Path) -> dict:
                 done = run(with_task_defaults(replace(s, seed=seed, seeds=[], **change), task), task, folder)
             results[task.name, name, seed] = done
         if is_main:
-            plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png",
-                        folders, f"seed {seed}")
+            plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", folders, f"seed {seed}")
     if not is_main:
         return results
     if s.ablations:
@@ -1274,10 +1261,9 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
           "|---|---|---|---|---|"]
     csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"]
     for t in tasks:
-        match = [np.mean([results[t.name, seed][stage]["expert_match"] for seed in seeds]) for stage, *_ in stages]
+        agree = [np.mean([results[t.name, seed][stage]["expert_match"] for seed in seeds]) for stage, *_ in stages]
         kl = [m["approx_kl"] for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]  # every update
-        md.append(f"| {t.name} | {100 * match[0]:.1f} | {100 * match[1]:.1f} | {np.median(kl):.4f} | "
-                  f"{np.max(kl):.4f} |")
+        md.append(f"| {t.name} | {100 * agree[0]:.1f} | {100 * agree[1]:.1f} | {np.median(kl):.4f} | {max(kl):.4f} |")
         for seed, (stage, _, paper) in itertools.product(seeds, stages):
             r = results[t.name, seed][stage]
             csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},"
