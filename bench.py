@@ -24,6 +24,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import replace
+from unittest import mock
 
 import gymnasium as gym
 import numpy as np
@@ -80,17 +81,15 @@ def drawing_afresh(pool):
 
 def paper_style_rollout(policy, task, pool, rng, steps):
     """One env at a time, no caches; after generating, a second full forward gives log-probs and value."""
-    cached, rl4vlm.encode_prompts = rl4vlm.encode_prompts, lambda processor, images, prompts, device: [
+    uncached = lambda processor, images, prompts, device: [
         rl4vlm.encode_prompt(processor, image, prompt, device) for image, prompt in zip(images, prompts)]
-    try:
+    with mock.patch.object(rl4vlm, "encode_prompts", uncached):
         for _ in range(steps):
             for i in range(len(pool.envs)):
                 samples = rl4vlm.act(policy, task, [pool.obs[i]], [pool.infos[i]], rng)
                 with torch.no_grad():
                     rl4vlm.logprobs_and_values(policy, *rl4vlm.collate(samples, policy.pad_id)[:3])
                 pool.step(i, samples[0].action)
-    finally:
-        rl4vlm.encode_prompts = cached
 
 
 def env_step_seconds(env, steps, rng):

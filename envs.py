@@ -454,7 +454,9 @@ def points_plan(actions, target, info):
 def points_expert(actions, target, info):
     """The plan's next entry, "=" once the plan is written, None where no plan exists."""
     plan, written = points_plan(actions, target, info), len(info["Formula"])
-    return None if plan is None else actions.index(plan[written] if len(plan) > written else "=")
+    if plan is None:
+        return None
+    return actions.index(plan[written] if len(plan) > written else "=")
 
 
 def add_card(total, usable, card):
