@@ -257,7 +257,7 @@ def main():
     # units); temperature 0.2 multiplies that by 5 and a sum over about 10 tokens by up to 10 more.
     # A real mismatch (a shifted position, a missing mask) is 1e-1 or more.
     checks = {"rollout at 32 envs >= 10x the paper-style loop": speedup >= 10,
-              **{f"{name} env step >= 50x drawing afresh": ms["fresh"] / ms["ours"] >= 50 for name, ms in env_ms.items()},
+              "env stepping under 5% of the rollout at 32 envs": shares.get("env stepping", 0.0) < 0.05,
               "kept log pi within 1e-4 of a full forward": diff_logprob < 1e-4,
               "kept value within 1e-5 of a full forward": diff_value < 1e-5}
     result = dict(env_steps_per_second=rollout_rates, speedup_32_envs=speedup, rollout_time_shares=shares,

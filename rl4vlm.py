@@ -13,6 +13,7 @@ The sections below follow a run. Where this departs from the paper (the README s
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import itertools
 import json
@@ -21,6 +22,9 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import weakref
 from collections import OrderedDict
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError
 
 import envs
@@ -45,6 +49,7 @@ BUILTIN, SUITE, DTYPES = "builtin", "gym-cards", ("float32", "bfloat16", "float1
 ABLATIONS = {"": {"": {}},  # --ablations: the variants each task runs in, and the settings each changes
              "cot": {"with CoT": dict(cot=True), "without CoT": dict(cot=False)},
              "lambda": {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.2, 0.5, 1.0)}}
+PAPER = {"": "rl", "with CoT": "rl", "without CoT": "no_cot"}  # a variant's number in Task.paper
 
 
 # ---- Settings: one dataclass turned into argparse flags; None means the task's default (envs.Task.defaults)
@@ -72,6 +77,8 @@ class Settings:
     dtype: str = _opt("float32", "model weights (LoRA, value head, PPO maths: float32)", check=DTYPES)
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
     threads: int = _opt(1, "torch CPU threads (1: the same numbers on any machine, 0: torch's default)", check=">= 0")
+    workers: int = _opt(0, "runs of a suite at once, a process each (0: one per CPU core; 1: one after another)",
+                        check=">= 0")
     dist_timeout: float = _opt(30.0, "under torchrun: minutes a rank waits for the others", check="> 0")
 
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
@@ -166,6 +173,8 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"--resume {s.resume}: no settings.json there, not a run folder")
     if s.model != BUILTIN and Path(s.model).exists() and not (Path(s.model) / "config.json").is_file():
         raise ValueError(f"--model {s.model}: folder has no config.json, not a Hugging Face model")
+    if s.workers > 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("--workers: under torchrun the runs go one at a time, each over all the ranks")
 
 
 def read_sft_data(path: str) -> list[dict]:
@@ -207,6 +216,15 @@ def stream(name: str, seed: int, rank: int = 0) -> range:
     assert 0 <= seed < MAX_SEED and 0 <= rank < MAX_RANKS, (seed, rank)
     first = ((STREAMS.index(name) * MAX_SEED + seed) * MAX_RANKS + rank) * STREAM_EPISODES
     return range(first, first + STREAM_EPISODES)
+
+
+@contextmanager
+def building(folder: Path):
+    """One process at a time builds a cached folder; the others wait for it, then find it built."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        yield
 
 
 @contextmanager
@@ -520,9 +538,18 @@ class Sample:
 def act(policy: Policy, task, images, infos, rng) -> list[Sample]:
     """Sample one answer per state and turn it into an action."""
     rows, prompt = state_prompts(policy, task, images, infos)
-    out = policy.model.generate(**prompt, do_sample=True, temperature=policy.temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=policy.max_new_tokens, suppress_tokens=policy.suppress or None,
-                                output_logits=True, output_hidden_states=True, return_dict_in_generate=True)
+    prompt_state = []  # the language model's last hidden state at the last prompt token: the value head's input
+
+    def keep_prompt_state(module, args, output):
+        if not prompt_state:  # generation's first pass is the one over the prompt
+            prompt_state.append(output.last_hidden_state[:, -1])
+    hook = policy.model.get_decoder().register_forward_hook(keep_prompt_state)
+    try:  # not generate's output_hidden_states: it would keep every layer at every token
+        out = policy.model.generate(**prompt, do_sample=True, temperature=policy.temperature, top_k=0, top_p=1.0,
+                                    max_new_tokens=policy.max_new_tokens, suppress_tokens=policy.suppress or None,
+                                    output_logits=True, return_dict_in_generate=True)
+    finally:
+        hook.remove()
     gen_ids = out.sequences[:, prompt["input_ids"].shape[1]:]               # (B, G)
     # tokens up to and including the first end-of-turn token are the answer; the rest is padding
     is_end = torch.isin(gen_ids, torch.tensor(policy.stop_ids, device=gen_ids.device)).long()
@@ -533,7 +560,7 @@ def act(policy: Policy, task, images, infos, rng) -> list[Sample]:
         logp = sampling_logprobs(logits, policy.temperature, policy.suppress)  # (B, V)
         logprobs[:, k] = logp.gather(1, gen_ids[:, k:k + 1]).squeeze(1)
         entropy[:, k] = torch.special.entr(logp.exp()).sum(1)                  # -sum p log p, 0 log 0 = 0
-    values = policy.value_head(out.hidden_states[0][-1][:, -1])  # the prompt pass, last layer, last token
+    values = policy.value_head(prompt_state[0])
     tokenizer, samples = policy.processor.tokenizer, []
     for i in range(len(infos)):
         ids = gen_ids[i][gen_mask[i]].tolist()
@@ -568,9 +595,10 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
     path = s.model
     if s.model == BUILTIN:
         path = str(Path(s.cache_dir) / f"builtin-{TEXTS}-seed{s.seed}")
-        if not (Path(path) / "config.json").exists():
-            log(f"building the built-in tiny VLM in {path}")
-            build_builtin(Path(path), s.seed)
+        with building(Path(path)):
+            if not (Path(path) / "config.json").exists():
+                log(f"building the built-in tiny VLM in {path}")
+                build_builtin(Path(path), s.seed)
     if s.sft_steps > 0:
         full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
         aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
@@ -581,27 +609,33 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
                    sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
                    lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision])
         folder = Path(s.cache_dir) / f"sft-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
-        if not (folder / "config.json").exists():
-            policy = load_policy(path, s.device, s.dtype, s.grad_checkpointing)
-            answers = f"answers from {s.sft_data}" if s.sft_data else f"expert's actions in {s.sft_expert:.0%} of them"
-            log(f"warm start: {s.sft_steps} steps on {task.env_id}, {answers}"
-                + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
-            t0 = time.time()
-            with torch_seeded(seeds.start):
-                if not full:
-                    add_lora(policy.model, s)
-                stats = warm_start(policy, task, s, aux, np.random.default_rng(seeds.start), log)
-                if not full:
-                    ppo.merge_lora(policy.model)
-            info = json.dumps(dict(key, **stats, seconds=round(time.time() - t0, 1)), indent=1)
-            model, processor = policy.model, policy.processor
-            write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
-                                                  (tmp / "warm_start.json").write_text(info)))
+        with building(folder):
+            if not (folder / "config.json").exists():
+                warm_start_into(folder, path, s, task, key, log)
         log(f"warm-started model: {folder}")
         path = str(folder)
     policy = load_policy(path, s.device, s.dtype, s.grad_checkpointing)
     return replace(policy, cot=s.cot, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
                    thought_coef=s.thought_coef)
+
+
+def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) -> None:
+    """Warm-start the model at `path` as `key` says and save it to `folder` (a pretrained one's LoRA merged)."""
+    full, aux = key["lora"] is None, key["aux"]
+    policy = load_policy(path, s.device, s.dtype, s.grad_checkpointing)
+    answers = f"answers from {s.sft_data}" if s.sft_data else f"expert's actions in {s.sft_expert:.0%} of them"
+    log(f"warm start: {s.sft_steps} steps on {task.env_id}, {answers}"
+        + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
+    t0, seed = time.time(), key["episodes"]
+    with torch_seeded(seed):
+        if not full:
+            add_lora(policy.model, s)
+        stats = warm_start(policy, task, s, aux, np.random.default_rng(seed), log)
+        if not full:
+            ppo.merge_lora(policy.model)
+    info = json.dumps(dict(key, **stats, seconds=round(time.time() - t0, 1)), indent=1)
+    write_atomically(folder, lambda tmp: (policy.model.save_pretrained(tmp), policy.processor.save_pretrained(tmp),
+                                          (tmp / "warm_start.json").write_text(info)))
 
 
 def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
@@ -1153,13 +1187,13 @@ def run(s: Settings, task, run_dir: Path) -> dict:
                 save_checkpoint(run_dir, update, policy, scheduler, pool, rng, s.keep_checkpoints)
     except KeyboardInterrupt:
         last = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else "none"
-        log(f"\ninterrupted; last checkpoint: {last}. Continue with: python rl4vlm.py --resume {run_dir}")
-        raise SystemExit(130)
+        log(f"\ninterrupted; last checkpoint: {last}")
+        raise
 
     results["rl"] = evaluate(policy, task, s, log, "after RL", s.episodes and run_dir / "episodes-rl.md")
     if is_main:
         write_text(results_path, json.dumps(results, indent=1))
-        plot_curves(run_dir / "curve.png", {task.env_id: run_dir}, task.env_id)
+        plot_curves(run_dir / "curve.png", {task.env_id: (run_dir, task.paper["rl"])}, task.env_id)
         table = results_table(task, results)
         write_text(run_dir / "results.md", table + "\n")
         log(table)
@@ -1182,25 +1216,43 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def plot_curves(path: Path, folders: dict, title: str) -> None:
-    """Success rate against env steps, one line per run: {name: run folder}. Pillow only."""
-    curves = {name: [(r["env_steps"], r["success"]) for r in metrics(folder)] for name, folder in folders.items()}
-    W, H, m = 640, 400, 50
-    img = Image.new("RGB", (W, H), "white")
+def plot_curves(path: Path, runs: dict, title: str) -> None:
+    """Success rate against env steps, a line per run {name: (folder, the paper's % after RL or "")}, with the
+    run's warm-start level (dashed) and the paper's number (a triangle at the right edge). Pillow only."""
+    W, H, left, right, top, bottom = 800, 480, 60, 90, 50, 50
+    img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
     d = ImageDraw.Draw(img)
+    curves = {name: [(r["env_steps"], r["success"]) for r in metrics(folder)] for name, (folder, _) in runs.items()}
     xmax = max([x for points in curves.values() for x, _ in points] or [1])
-    d.line([(m, m), (m, H - m), (W - m, H - m)], fill="black")
-    labels = [((8, H - m - y * (H - 2 * m) - 6), f"{y:.1f}") for y in (0.0, 0.5, 1.0)]
-    labels += [((W - m - 40, H - m + 8), f"{xmax:,}"), ((W // 2 - 60, H - m + 24), "env steps"),
-               ((m, 15), title + " (success rate)")]
-    for place, text in labels:
-        d.text(place, text, fill="black")
+    X = lambda x: left + x / xmax * (W - left - right)
+    Y = lambda y: H - bottom - y * (H - top - bottom)
+    step = next(m * 10**e for e in range(12) for m in (1, 2, 5) if xmax / (m * 10**e) <= 8)  # a round tick step
+    for y in range(0, 101, 20):  # a light grid and its ticks
+        d.line([(left, Y(y / 100)), (X(xmax), Y(y / 100))], fill="#e4e4e4")
+        d.text((left - 6, Y(y / 100)), f"{y}%", fill="black", font=font, anchor="rm")
+    for x in range(0, xmax + 1, step):
+        d.line([(X(x), top), (X(x), Y(0))], fill="#e4e4e4")
+        d.text((X(x), Y(0) + 6), f"{x:,}", fill="black", font=font, anchor="ma")
+    d.line([(left, top), (left, Y(0)), (X(xmax), Y(0))], fill="black")
+    d.text((X(xmax / 2), H - 16), "env steps     (dashed: the warm start;  triangle: the paper's 7B after RL)",
+           fill="black", font=font, anchor="mm")
+    legend = left + d.textlength(title + ": success rate     ", font=font)
+    d.text((left, 14), f"{title}: success rate", fill="black", font=font)
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    for k, (name, curve) in enumerate(curves.items()):
-        points = [(m + x / xmax * (W - 2 * m), H - m - y * (H - 2 * m)) for x, y in curve if not math.isnan(y)]
+    for k, (name, (folder, paper)) in enumerate(runs.items()):
+        colour = colours[k % len(colours)]
+        warm = Y(json.loads((folder / "results.json").read_text())["warm_start"]["success"])
+        for dash in range(left, round(X(xmax)) - 5, 12):
+            d.line([(dash, warm), (dash + 6, warm)], fill=colour)
+        points = [(X(x), Y(y)) for x, y in curves[name] if not math.isnan(y)]
         if len(points) > 1:
-            d.line(points, fill=colours[k % len(colours)], width=2)
-        d.text((W - m - 150, H - m - 20 - 14 * k), name, fill=colours[k % len(colours)])
+            d.line(points, fill=colour, width=2)
+        if paper != "":
+            y = Y(paper / 100)
+            d.polygon([(X(xmax) + 3, y), (X(xmax) + 12, y - 6), (X(xmax) + 12, y + 6)], fill=colour)
+            d.text((X(xmax) + 16, y), f"{paper:g}%", fill=colour, font=font, anchor="lm")
+        d.text((legend, 14), name, fill=colour, font=font)  # the legend, along the top
+        legend += d.textlength(name, font=font) + 24
     img.save(path)
 
 
@@ -1208,25 +1260,30 @@ def plot_curves(path: Path, folders: dict, title: str) -> None:
 
 def run_many(s: Settings, tasks, run_dir: Path) -> dict:
     """Each seed, task and variant in run_dir/seed<n>/<task>[-<variant>] (a finished run is read, another resumed),
-    then each seed's curves and the tables (results.md and results.csv, or ablations.md)."""
-    seeds, results, is_main, variants = s.seeds or [s.seed], {}, rank_and_world()[0] == 0, ABLATIONS[s.ablations]
-    for seed in seeds:
-        folders = {}
-        for task, (name, change) in itertools.product(tasks, variants.items()):
-            folder = run_dir / f"seed{seed}" / "-".join([task.name, *name.split()])
-            folders[f"{task.name} {name}".strip()] = folder
-            done = json.loads((folder / "results.json").read_text()) if (folder / "results.json").exists() else {}
-            if "rl" not in done:
-                done = run(with_task_defaults(replace(s, seed=seed, seeds=[], **change), task), task, folder)
-            results[task.name, name, seed] = done
-        if is_main:
-            plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", folders, f"seed {seed}")
-    if not is_main:
+    `workers` at a time as child processes, or one after another in this one; then each seed's curves and the
+    tables (results.md and results.csv, or ablations.md)."""
+    seeds, variants = s.seeds or [s.seed], ABLATIONS[s.ablations]
+    runs = {}  # (task name, variant, seed) -> (task, folder, the run's settings)
+    for seed, task, (name, change) in itertools.product(seeds, tasks, variants.items()):
+        settings = replace(s, env=task.env_id, seed=seed, seeds=[], ablations="", **change)
+        runs[task.name, name, seed] = (task, run_dir / f"seed{seed}" / "-".join([task.name, *name.split()]),
+                                       with_task_defaults(settings, task))
+    results = {key: finished(folder) for key, (_, folder, _) in runs.items()}
+    todo = {key: run for key, run in runs.items() if "rl" not in results[key]}
+    workers = min(s.workers or len(os.sched_getaffinity(0)), len(todo)) if rank_and_world()[1] == 1 else 1
+    if workers > 1:
+        run_children(todo, workers, run_dir)
+    for key, (task, folder, settings) in todo.items():
+        results[key] = finished(folder) if workers > 1 else run(settings, task, folder)
+    if rank_and_world()[0] > 0:
         return results
+    for seed in seeds:
+        plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", {f"{t.name} {name}".strip(): (
+            runs[t.name, name, seed][1], t.paper[PAPER[name]] if name in PAPER else "") for t in tasks
+            for name in variants}, f"seed {seed}")
     if s.ablations:
-        paper = {"with CoT": "rl", "without CoT": "no_cot"}
         rows = [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds],
-                 t.paper[paper[name]] if stage == "rl" and name in paper else "")
+                 t.paper[PAPER[name]] if stage == "rl" and name in PAPER else "")
                 for t in tasks for name in variants
                 for stage, label in (("warm_start", "warm start"), ("rl", "after RL"))]
         md = "\n".join(["Success % (paper: after RL)", ""] + seed_rows(rows, seeds))
@@ -1237,6 +1294,82 @@ def run_many(s: Settings, tasks, run_dir: Path) -> dict:
         write_text(run_dir / "results.csv", csv)
     print(md)
     return results
+
+
+def finished(folder: Path) -> dict:
+    """A run's results.json ({} before its first evaluation): "rl" in it once the run is done."""
+    return json.loads((folder / "results.json").read_text()) if (folder / "results.json").exists() else {}
+
+
+def run_children(runs: dict, workers: int, run_dir: Path) -> None:
+    """The runs {(task, variant, seed): (task, folder, settings)} as child processes, `workers` at a time, longest
+    first (the answer length bounds a run's time): each is `python rl4vlm.py --resume FOLDER`, its output in
+    FOLDER/log.txt. A line as each reaches a stage; a run that fails does not stop the others; Ctrl-C stops all."""
+    waiting = sorted(runs, key=lambda key: -runs[key][2].max_new_tokens * runs[key][2].total_steps)
+    running, failed, t0 = {}, [], time.time()  # running: key -> [child, metrics lines read, warm start told]
+
+    def say(key, text):
+        done = len(runs) - len(waiting) - len(running)
+        print(f"{(time.time() - t0) / 60:5.1f} min  {label(key):<24} {text}   [{done} done, {len(running)} running, "
+              f"{len(waiting)} waiting]", flush=True)
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                key = waiting.pop(0)
+                _, folder, settings = runs[key]
+                if not (folder / "settings.json").exists():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    write_text(folder / "settings.json", json.dumps(asdict(settings), indent=1))
+                with open(folder / "log.txt", "a") as out:  # a session of its own: Ctrl-C reaches it through us
+                    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--resume", str(folder)],
+                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                running[key] = [child, 0, False]
+                say(key, "started")
+            time.sleep(1)
+            for key, (child, *_) in list(running.items()):
+                for text in progress(runs[key][1], runs[key][2], running[key]):
+                    say(key, text)
+                if child.poll() is not None:
+                    del running[key]
+                    if child.returncode == 0:
+                        say(key, f"after RL: success {100 * finished(runs[key][1])['rl']['success']:.1f}%")
+                    else:
+                        failed.append(f"{label(key)} ({runs[key][1] / 'log.txt'}: {last_line(runs[key][1])})")
+                        say(key, f"failed (exit {child.returncode}): {last_line(runs[key][1])}")
+    except KeyboardInterrupt:
+        for child, *_ in running.values():
+            child.send_signal(signal.SIGINT)
+        for child, *_ in running.values():
+            child.wait()
+        raise
+    if failed:
+        fail(f"{len(failed)} of {len(runs)} runs failed: {'; '.join(failed)}; the others finished. Mend, then "
+             f"continue with: python rl4vlm.py --resume {run_dir}")
+
+
+def label(key) -> str:
+    return " ".join(filter(None, [key[0], key[1], f"seed {key[2]}"]))  # (task, variant, seed) -> "Points24 seed 1"
+
+
+def progress(folder: Path, s: Settings, seen: list) -> list[str]:
+    """The stages a run reached since `seen` ([child, metrics lines read, warm start told]) was updated."""
+    out, results = [], finished(folder)
+    if "warm_start" in results and not seen[2]:
+        seen[2] = True
+        out.append(f"warm start: success {100 * results['warm_start']['success']:.1f}%")
+    lines = (folder / "metrics.jsonl").read_text().split("\n")[:-1] if (folder / "metrics.jsonl").exists() else []
+    num_updates = max(1, s.total_steps // (s.num_envs * s.num_steps))
+    for m in map(json.loads, lines[min(seen[1], len(lines)):]):  # a resumed run rewrites its metrics
+        if m["update"] % s.checkpoint_every == 0 or m["update"] == num_updates:
+            out.append(f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "
+                       f"{m['format_fail']:.3f}, approx_kl {m['approx_kl']:.4f}")
+    seen[1] = len(lines)
+    return out
+
+
+def last_line(folder: Path) -> str:
+    lines = [line for line in (folder / "log.txt").read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"  # the error of a failed run
 
 
 def seed_rows(rows, seeds) -> list[str]:
@@ -1297,12 +1430,17 @@ def main(argv=None) -> dict:
         if (run_dir / "settings.json").exists():
             fail(f"{run_dir} holds a run; continue it with --resume {run_dir} or pick another --run-name")
     gather(None)  # every rank has looked before rank 0 writes
-    if len(tasks) > 1 or s.seeds or s.ablations:  # several runs: run_dir/seed<n>/<task>, tables over them
-        if rank_and_world()[0] == 0:
+    try:
+        if len(tasks) == 1 and not s.seeds and not s.ablations:
+            return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir)
+        if rank_and_world()[0] == 0:  # several runs: run_dir/seed<n>/<task>, tables over them
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
         return run_many(s, tasks, run_dir)
-    return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir)
+    except KeyboardInterrupt:
+        if rank_and_world()[0] == 0:
+            print(f"\ninterrupted; continue with: python rl4vlm.py --resume {run_dir}", flush=True)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

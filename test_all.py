@@ -15,6 +15,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -370,6 +371,11 @@ def stopped_run(cache, tmp_path_factory):
 
 def strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("rollout_seconds", "steps_per_second")} for r in rows]
+
+
+def strip_seconds(results):
+    """A run's results without the seconds each evaluation took."""
+    return {stage: {k: v for k, v in r.items() if k != "seconds"} for stage, r in results.items()}
 
 
 def write_sft_data(folder, n=4):
@@ -1837,8 +1843,7 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sig
     assert "rl" not in json.loads((killed / "results.json").read_text()), "the run ended before it was killed"
     resumed = rl4vlm.main(["--resume", str(killed)])
     assert strip_timing(rl4vlm.metrics(killed)) == strip_timing(rows)
-    assert {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in resumed.items()} == \
-        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in results.items()}
+    assert strip_seconds(resumed) == strip_seconds(results)
 
 
 @pytest.mark.parametrize("kind", ["truncated state.pt", "missing envs.json", "latest names nothing",
@@ -1907,12 +1912,96 @@ def test_a_failing_rank_stops_the_other_instead_of_hanging():
 def test_a_seed_of_several_gives_what_it_gives_alone(cache, tmp_path):
     """--seeds runs each seed as --seed would: the tables may gather runs made one seed at a time."""
     common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--total-steps", "16", "--env", "numberline"]
-    both = rl4vlm.main(common + ["--run-name", "both", "--seeds", "2", "1"])
+    both = rl4vlm.main(common + ["--run-name", "both", "--seeds", "2", "1", "--workers", "1"])
     alone = rl4vlm.main(common + ["--run-name", "alone", "--seed", "1"])
     assert strip_timing(rl4vlm.metrics(tmp_path / "both" / "seed1" / "NumberLine")) == strip_timing(rl4vlm.metrics(tmp_path / "alone"))
-    assert {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in both["NumberLine", "", 1].items()} == \
-        {k: {m: v for m, v in r.items() if m != "seconds"} for k, r in alone.items()}
+    assert strip_seconds(both["NumberLine", "", 1]) == strip_seconds(alone)
     assert (tmp_path / "both" / "results.md").read_text().count("| NumberLine |") == 3  # 2 stages + diagnostics
+
+
+def test_a_process_waits_while_another_builds_a_cached_model(tmp_path):
+    """rl4vlm.building: while this test holds the lock and builds, a second process that needs the same folder
+    waits, then finds it built (without the lock it would see no folder and build it too)."""
+    folder = tmp_path / "model"
+    job = ("import sys, rl4vlm; from pathlib import Path\nfolder = Path(sys.argv[1])\nprint('ready', flush=True)\n"
+           "with rl4vlm.building(folder):\n    print('built' if not folder.exists() else 'found', flush=True)")
+    with rl4vlm.building(folder):
+        other = subprocess.Popen([sys.executable, "-c", job, str(folder)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+        assert other.stdout.readline() == "ready\n"
+        time.sleep(0.5)  # the other process is at the lock now
+        folder.mkdir()
+    assert other.communicate(timeout=120)[0] == "found\n" and other.returncode == 0
+
+
+def command_lines() -> dict:
+    """pid -> command line of every process (Linux's /proc), a process that ends meanwhile left out."""
+    lines = {}
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines[int(path.parent.name)] = path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError):  # it ended between the listing and the read
+            continue
+    return lines
+
+
+@pytest.fixture(scope="module")
+def parallel_suite(cache, tmp_path_factory):
+    """Two runs (NumberLine, Blackjack) with --workers 2: interrupted (SIGINT to the suite's process) once both had
+    started, then resumed to the end. Returns the suite folder and what the interrupted process printed."""
+    out = tmp_path_factory.mktemp("parallel")
+    args = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--env", "numberline,blackjack", "--workers", "2",
+                   "--total-steps", "32"]
+    suite = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *args, "--run-name", "suite"], cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed = []
+    while sum("started" in line for line in printed) < 2:  # one line per stage: the suite ends if its output does
+        line = suite.stdout.readline()
+        assert line, "".join(printed)
+        printed.append(line)
+    suite.send_signal(signal.SIGINT)
+    printed += suite.communicate(timeout=120)[0].splitlines(keepends=True)
+    assert suite.returncode == 130, "".join(printed)
+    left = [pid for pid, cmdline in command_lines().items() if f"--resume {out / 'suite'}" in cmdline]
+    stopped = [task for task in ("NumberLine", "Blackjack") if "rl" not in rl4vlm.finished(out / "suite" / "seed1" / task)]
+    rl4vlm.main(["--resume", str(out / "suite")])
+    rl4vlm.main(args + ["--run-name", "serial", "--workers", "1"])
+    return out, "".join(printed), stopped, left
+
+
+def test_ctrl_c_stops_every_worker_and_prints_the_suites_resume_command(parallel_suite):
+    out, printed, stopped, left = parallel_suite
+    assert printed.splitlines()[-1] == f"interrupted; continue with: python rl4vlm.py --resume {out / 'suite'}"
+    assert re.search(r"NumberLine seed 1 +started +\[0 done, 1 running, 1 waiting\]", printed), printed
+    assert re.search(r"Blackjack seed 1 +started +\[0 done, 2 running, 0 waiting\]", printed), printed
+    assert stopped == ["NumberLine", "Blackjack"] and not left, f"runs went on after the suite stopped: {left}"
+
+
+def test_workers_2_interrupted_and_resumed_give_what_workers_1_gives(parallel_suite):
+    out, *_ = parallel_suite
+    for task in ("NumberLine", "Blackjack"):
+        parallel, serial = out / "suite" / "seed1" / task, out / "serial" / "seed1" / task
+        assert strip_timing(rl4vlm.metrics(parallel)) == strip_timing(rl4vlm.metrics(serial)), task
+        assert strip_seconds(rl4vlm.finished(parallel)) == strip_seconds(rl4vlm.finished(serial)), task
+    assert (out / "suite" / "results.md").read_text() == (out / "serial" / "results.md").read_text()
+
+
+def test_a_run_that_fails_stops_no_other_and_the_suite_names_it(parallel_suite, tmp_path):
+    """The Blackjack run's checkpoint pointer is damaged and both runs are made unfinished: the resumed suite
+    finishes NumberLine, names the Blackjack run and its log's last line, and exits non-zero."""
+    out, *_ = parallel_suite
+    suite = tmp_path / "suite"
+    shutil.copytree(out / "suite", suite)
+    for task in ("NumberLine", "Blackjack"):
+        results = suite / "seed1" / task / "results.json"
+        results.write_text(json.dumps({"warm_start": json.loads(results.read_text())["warm_start"]}))
+    (suite / "seed1" / "Blackjack" / "latest").write_text("checkpoint-00009")
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.main(["--resume", str(suite)])
+    message = str(e.value)
+    assert message.startswith("rl4vlm.py: error: 1 of 2 runs failed: Blackjack seed 1 (") and "\n" not in message
+    assert "latest names no checkpoint folder" in message and f"--resume {suite}" in message, message
+    assert strip_seconds(rl4vlm.finished(suite / "seed1" / "NumberLine")) == \
+        strip_seconds(rl4vlm.finished(out / "suite" / "seed1" / "NumberLine"))
 
 
 def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
