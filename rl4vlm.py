@@ -1310,7 +1310,7 @@ def run_children(runs: dict, workers: int, run_dir: Path) -> None:
 
     def say(key, text):
         done = len(runs) - len(waiting) - len(running)
-        print(f"{(time.time() - t0) / 60:5.1f} min  {label(key):<24} {text}   [{done} done, {len(running)} running, "
+        print(f"{(time.time() - t0) / 60:5.1f} min  {label(key):<28} {text}   [{done} done, {len(running)} running, "
               f"{len(waiting)} waiting]", flush=True)
     try:
         while waiting or running:
