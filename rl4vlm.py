@@ -1193,7 +1193,8 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     results["rl"] = evaluate(policy, task, s, log, "after RL", s.episodes and run_dir / "episodes-rl.md")
     if is_main:
         write_text(results_path, json.dumps(results, indent=1))
-        plot_curves(run_dir / "curve.png", {task.env_id: (run_dir, task.paper["rl"])}, task.env_id)
+        paper = task.paper["rl" if s.cot else "no_cot"]
+        plot_curves(run_dir / "curve.png", {task.env_id: (run_dir, paper)}, task.env_id)
         table = results_table(task, results)
         write_text(run_dir / "results.md", table + "\n")
         log(table)
