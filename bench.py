@@ -3,6 +3,7 @@
     python bench.py                 # tables on stdout, numbers in bench.json; exit 1 if a check fails
     python bench.py --experts       # the experts' and random actions' success, Points24 solvability
     python bench.py --pictures DIR  # a sample picture of each task (300 px, and shrunk to 96 and 64 px)
+    python bench.py --gpu           # the real-model path on CUDA in bfloat16, a few minutes (see gpu())
 
 Measures, in one process (the warm-started built-in NumberLine policy, cached in .cache):
 - env steps per second of our batched rollout (1, 8, 32 envs) and of a paper-style loop at 32
@@ -18,12 +19,16 @@ Measures, in one process (the warm-started built-in NumberLine policy, cached in
 import argparse
 import itertools
 import json
+import math
 import os
+import re
 import resource
+import subprocess
 import sys
 import time
 from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 from unittest import mock
 
 import gymnasium as gym
@@ -156,6 +161,82 @@ def pictures(folder, seed):
         print(f"{task.name}: {info}")
 
 
+def gpu(device, folder):
+    """The GPU path, end to end in bfloat16: the built-in model and a tiny Gemma3 (random weights, built from a
+    config as the tests build it) each through a warm start, two updates and evaluation, and the built-in under a
+    one-GPU torchrun (NCCL), each with its peak GPU memory; then, in this process, the peak memory of a rollout at
+    32 envs, the first epoch's |log ratio| (the update's forward against sampling's) and a check that evaluation
+    leaves the GPU's generator where it was. --device cpu runs the same on the CPU (gloo), to try it anywhere."""
+    from test_all import build_gemma3  # the tests' tiny Gemma3
+    folder = Path(folder).resolve()
+    if not (folder / "gemma3" / "config.json").exists():
+        torch.manual_seed(0)
+        model, processor = build_gemma3(folder / "gemma3")
+        model.save_pretrained(folder / "gemma3")
+        processor.save_pretrained(folder / "gemma3")
+    common = ["--env", "numberline", "--device", device, "--dtype", "bfloat16", "--num-envs", "8", "--num-steps", "4",
+              "--total-steps", "64", "--sft-steps", "20", "--sft-batch", "8", "--eval-episodes", "16",
+              "--minibatch-size", "16", "--micro-batch", "8", "--cache-dir", str(folder / "cache"),
+              "--out-dir", str(folder / "runs")]
+    here, stamp = Path(__file__).resolve().parent, str(int(time.time()))
+    runs = {"built-in": [sys.executable, "rl4vlm.py"],
+            "tiny Gemma3": [sys.executable, "rl4vlm.py", "--model", str(folder / "gemma3"), "--max-new-tokens", "24"],
+            "built-in, torchrun 1 GPU": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                                         "rl4vlm.py"]}
+    ok, metrics = True, {}
+    print("| run | exit | minutes | warm start % | after RL % | peak GPU memory |\n|---|---|---|---|---|---|")
+    for name, command in runs.items():
+        run_dir = folder / "runs" / f"{name.replace(' ', '-').replace(',', '')}-{stamp}"
+        metrics[name] = run_dir / "metrics.jsonl"
+        t0 = time.time()
+        done = subprocess.run(command + common + ["--run-name", run_dir.name], cwd=here, capture_output=True, text=True)
+        peak = re.findall(r"peak GPU memory: ([\d.]+) GiB", done.stdout)
+        results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+        success = [f"{100 * results[k]['success']:.1f}" if k in results else "-" for k in ("warm_start", "rl")]
+        print(f"| {name} | {done.returncode} | {(time.time() - t0) / 60:.1f} | {success[0]} | {success[1]} | "
+              f"{peak[-1] + ' GiB' if peak else '-'} |", flush=True)
+        if done.returncode:
+            print((done.stdout + done.stderr)[-3000:])
+        ok &= done.returncode == 0
+    # the torchrun run found the built-in run's cached models, the first built them: the same numbers if the GPU's
+    # kernels are deterministic (some are not), and the same seeding either way
+    keys = ("success", "approx_kl", "policy_loss", "value_loss", "thought_entropy")
+    first, second = ([[r[k] for k in keys] for r in map(json.loads, metrics[name].read_text().splitlines())]
+                     if metrics[name].exists() else [] for name in ("built-in", "built-in, torchrun 1 GPU"))
+    gap = np.abs(np.array(first, float) - np.array(second, float)).max() if first and len(first) == len(second) else math.nan
+    print(f"\nbuilt-in with cached models against built-in that built them: largest difference in {keys}: {gap:.3g}")
+
+    task = envs.get_task("numberline")
+    s = rl4vlm.with_task_defaults(rl4vlm.parse_settings(common), task)
+    torch.manual_seed(s.seed)
+    policy = rl4vlm.warm_started_policy(s, task, lambda *a: None)  # the built-in run's, from the cache
+    rl4vlm.add_trainable(policy, s)
+    for _, m in ppo.lora_modules(policy.model):  # B as after some RL, so that LoRA takes part
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(policy.device)
+    batch = rl4vlm.rollout(policy, task, rl4vlm.EnvPool(task.env_id, 32, range(10**6)), 2, 0.0, np.random.default_rng(0))
+    peak = torch.cuda.max_memory_allocated(policy.device) / 2**30 if cuda else math.nan
+    rl4vlm.update_mode(policy.model)
+    logratio = []
+    with torch.no_grad():
+        for k in range(0, len(batch.samples), s.micro_batch):
+            chunk = batch.samples[k:k + s.micro_batch]
+            prompt, gen_ids, gen_mask, weights = rl4vlm.collate(chunk, policy.pad_id)
+            logprobs = (rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask)[0] * weights).sum(1)
+            logratio += (logprobs.cpu() - torch.tensor([x.logprob for x in chunk])).abs().tolist()
+    policy.model.eval()
+    generator = torch.cuda.get_rng_state if cuda else torch.get_rng_state
+    before = generator()
+    rl4vlm.evaluate(policy, task, replace(s, eval_episodes=8, eval_envs=8), lambda *a: None, "")
+    same = torch.equal(before, generator())
+    print(f"\nrollout, 32 envs x 2 steps: peak GPU memory {peak:.2f} GiB; first epoch |log ratio| mean "
+          f"{np.mean(logratio):.2e}, max {np.max(logratio):.2e} ({len(logratio)} samples, bfloat16)")
+    print(f"{'PASS' if same else 'FAIL'}  evaluation leaves the {device} generator where it was")
+    sys.exit(0 if ok and same else 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="rollout steps per env per measurement")
@@ -165,7 +246,12 @@ def main():
     parser.add_argument("--pictures", metavar="DIR", help="save a sample picture of each task and stop")
     parser.add_argument("--episodes", type=int, default=20_000, help="--experts: episodes per task")
     parser.add_argument("--seed", type=int, default=0, help="--experts, --pictures: the first deal's seed")
+    parser.add_argument("--gpu", action="store_true", help="check the real-model path on CUDA in bfloat16 and stop")
+    parser.add_argument("--device", default="cuda", help="--gpu: the device (cpu to try the check here)")
+    parser.add_argument("--gpu-dir", default=".cache/gpu-check", help="--gpu: its model, cache and runs")
     args = parser.parse_args()
+    if args.gpu:
+        return gpu(args.device, args.gpu_dir)
     if args.experts or args.pictures:
         return experts(args.episodes, args.seed) if args.experts else pictures(args.pictures, args.seed)
 
@@ -200,7 +286,7 @@ def main():
 
     # where our rollout's time goes, at 32 envs
     profile = Profile()
-    parts = [(rl4vlm, "encode_prompts", "image processing + tokenizing"), (rl4vlm, "sampling_logprobs", "log-probs"),
+    parts = [(rl4vlm, "encode_prompts", "image processing + tokenizing"), (rl4vlm.SamplingRecord, "__call__", "log-probs"),
              (parse, "parse_action", "parsing"), (rl4vlm, "action_start", "parsing"),
              (rl4vlm.EnvPool, "step", "env stepping"), (rl4vlm, "prompt_values", "bootstrap values")]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in parts]

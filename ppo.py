@@ -203,13 +203,11 @@ def load_adapter(model, folder):
 class ValueHead(nn.Module):
     """V(s) from a hidden state, e.g. the last layer's at the prompt's final token."""
 
-    def __init__(self, hidden_size, width=1024):
+    def __init__(self, hidden_size, width=1024, device=None):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, width), nn.ReLU(),
-            nn.Linear(width, width // 2), nn.ReLU(),
-            nn.Linear(width // 2, 1),
-        ).to(torch.float32)
+        kw = dict(device=device, dtype=torch.float32)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, width, **kw), nn.ReLU(), nn.Linear(width, width // 2, **kw),
+                                 nn.ReLU(), nn.Linear(width // 2, 1, **kw))
 
     def forward(self, hidden):  # (..., H) in any dtype -> (...) float32
         return self.mlp(hidden.float()).squeeze(-1)

@@ -8,7 +8,7 @@ The sections below follow a run. Where this departs from the paper (the README s
 1. The default policy is a tiny LLaVA built here from random weights; its warm start adds a perception loss.
 2. The warm start is imperfect on purpose (--sft-expert), and the tiny model has its own hyper-parameters.
 3. A text that names no legal action is all thought tokens: the random action played is not the model's choice.
-4. Old log-probs and values come from the sampling pass; tokens suppressed in sampling are masked in the loss.
+4. Old log-probs and values come from the sampling pass; the update has no dropout either; suppressed tokens masked.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import envs
 import parse
 import ppo
 
-BUILTIN, SUITE, DTYPES = "builtin", "gym-cards", ("float32", "bfloat16", "float16")
+BUILTIN, SUITE, DTYPES = "builtin", "gym-cards", ("float32", "bfloat16")
 ABLATIONS = {"": {"": {}},  # --ablations: the variants each task runs in, and the settings each changes
              "cot": {"with CoT": dict(cot=True), "without CoT": dict(cot=False)},
              "lambda": {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.2, 0.5, 1.0)}}
@@ -74,7 +74,7 @@ class Settings:
     resume: str = _opt("", "continue the run in this folder from its last checkpoint (its settings are used)")
     cache_dir: str = _opt(".cache", "the built-in model and warm-started models are cached here")
     device: str = _opt("cpu", "torch device")
-    dtype: str = _opt("float32", "model weights (LoRA, value head, PPO maths: float32)", check=DTYPES)
+    dtype: str = _opt("float32", "model weights (LoRA, value head, logits, PPO maths: float32)", check=DTYPES)
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
     threads: int = _opt(1, "torch CPU threads (1: the same numbers on any machine, 0: torch's default)", check=">= 0")
     workers: int = _opt(0, "runs of a suite at once, a process each (0: one per CPU core; 1: one after another)",
@@ -104,7 +104,7 @@ class Settings:
     lr_min: float = _opt(1e-9, "final learning rate of the cosine schedule", check=">= 0")
     lora_rank: int = _opt(8, "LoRA rank (paper: 128)", check="> 0")
     lora_alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha / rank (paper: 256)", check="> 0")
-    lora_dropout: float = _opt(0.0, "LoRA dropout (paper: 0.05)", check="in [0, 1]")
+    lora_dropout: float = _opt(0.0, "warm-start LoRA dropout; RL has none (paper: 0.05)", check="in [0, 1]")
     lora_targets: str = _opt("", "regex of the linear layers LoRA wraps (default: the language model's)")
     lora_vision: bool = _opt(False, "LoRA on the vision tower's linear layers too (unless --lora-targets is given)")
 
@@ -229,9 +229,12 @@ def building(folder: Path):
 
 @contextmanager
 def torch_seeded(seed: int):
-    """torch's generator seeded for a block, then put back: what the block draws does not move the caller's."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """torch's generators seeded for a block, then put back: the CPU's, and this process's GPU's once CUDA is in use."""
+    gpu = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=gpu):
+        torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would queue one for every GPU
+        if gpu:
+            torch.cuda.manual_seed(seed)
         yield
 
 
@@ -379,12 +382,20 @@ def load_policy(path: str, device: str, dtype: str = "float32", grad_checkpointi
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     if grad_checkpointing:
         model.activation_checkpointing_enable()
+    if dtype != "float32":
+        model.get_output_embeddings().register_forward_hook(float32_logits)
     if processor.tokenizer.pad_token is None:  # e.g. Mistral's; padding is always masked, so EOS can stand in
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     # sampling draws from the loss's distribution: no generation defaults (top_k, top_p...), only the stop tokens
     eos = model.generation_config.eos_token_id or processor.tokenizer.eos_token_id
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
     return Policy(model, processor)
+
+
+def float32_logits(head, args, out):
+    """A forward hook on a half-precision model's LM head: its logits again in float32, for sampling and the loss
+    alike (bf16 would round a logit near 20 by 0.125, 0.625 nats at temperature 0.2)."""
+    return F.linear(args[0].float(), head.weight.float(), None if head.bias is None else head.bias.float())
 
 
 # ---- Prompts, generation and log-probs
@@ -457,15 +468,34 @@ def pad_answers(answers: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor,
     """Answers of different lengths (G_i,) -> gen_ids (B, G) right-padded with pad_id, gen_mask (B, G)."""
     G = max(len(a) for a in answers)
     return (torch.stack([F.pad(a, (0, G - len(a)), value=pad_id) for a in answers]),
-            torch.stack([torch.arange(G) < len(a) for a in answers]))
+            torch.stack([torch.arange(G, device=a.device) < len(a) for a in answers]))
 
 
-def sampling_logprobs(logits, temperature: float, suppress: list[int]):
-    """The one sampling distribution: log-softmax of logits / temperature, suppressed tokens at -inf (float32)."""
+def sampling_logits(logits, temperature: float, suppress: list[int]):
+    """The one sampling distribution, as logits: logits / temperature, suppressed tokens at -inf (float32)."""
     logits = logits.float() / temperature
     if suppress:
         logits[..., suppress] = -math.inf
-    return torch.log_softmax(logits, -1)
+    return logits
+
+
+class SamplingRecord:
+    """generate's logits processor: each step's logits become the sampling distribution's (sampling_logits); per
+    step it keeps the entropy and, once drawn, the token's log-prob, (B,) each: no (B, G, V) stack of logits."""
+
+    def __init__(self, temperature: float, suppress: list[int]):
+        self.temperature, self.suppress, self.logp, self.logprobs, self.entropies = temperature, suppress, None, [], []
+
+    def __call__(self, input_ids, logits):  # input_ids (B, P + k) end in the token drawn at step k - 1
+        self.took(input_ids)
+        logits = sampling_logits(logits, self.temperature, self.suppress)
+        self.logp = torch.log_softmax(logits, -1)  # (B, V) at step k
+        self.entropies.append(torch.special.entr(self.logp.exp()).sum(1))  # -sum p log p, 0 log 0 = 0
+        return logits
+
+    def took(self, sequences):  # the log-prob of the last token drawn; after generate, of the last step's
+        if self.logp is not None:
+            self.logprobs.append(self.logp.gather(1, sequences[:, -1:]).squeeze(1))
 
 
 def position_ids(model, ids, mask, extra: dict):
@@ -474,9 +504,23 @@ def position_ids(model, ids, mask, extra: dict):
     return model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
 
 
+@contextmanager
+def first_pass_state(model, position: int):
+    """The language model's last-layer state (B, H) at `position` in its first pass in the block (generation's is
+    over the prompt), read by a hook: output_hidden_states would keep every layer's, and at every generated token."""
+    states = []
+    hook = model.get_decoder().register_forward_hook(  # a copy, not a view: the rest of the layer can go
+        lambda module, args, out: None if states else states.append(out.last_hidden_state[:, position].clone()))
+    try:
+        yield states
+    finally:
+        hook.remove()
+
+
 def forward(model, prompt: dict, gen_ids, gen_mask, temperature: float = 1.0, suppress=()):
     """One pass over prompt (left-padded processor output, input_ids (B, P)) + answers (gen_ids, gen_mask (B, G)).
-    Returns log p of each answer token (B, G) under the sampling distribution (0 at padding) and the output."""
+    Returns log p of each answer token (B, G) under the sampling distribution (0 at padding), the last prompt
+    token's last-layer state (B, H) (the value head's input) and the output."""
     (B, P), G = prompt["input_ids"].shape, gen_ids.shape[1]
     ids = torch.cat([prompt["input_ids"], gen_ids], 1)                       # (B, P+G)
     mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
@@ -484,23 +528,24 @@ def forward(model, prompt: dict, gen_ids, gen_mask, temperature: float = 1.0, su
     extra = {k: torch.cat([v, v.new_zeros(B, G)], 1) if v.shape == (B, P) else v
              for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
     # logits only where they predict answer tokens (P - 1 .. P + G - 2): the LM head over the prompt is waste
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(model, ids, mask, extra),
-                output_hidden_states=True, use_cache=False, logits_to_keep=G + 1, **extra)
-    logp = sampling_logprobs(out.logits[:, :-1], temperature, suppress)                 # (B, G, V)
-    logprobs = logp.gather(-1, gen_ids.unsqueeze(-1)).squeeze(-1).where(gen_mask, 0.0)  # (B, G)
-    return logprobs, out
+    with first_pass_state(model, P - 1) as states:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(model, ids, mask, extra),
+                    use_cache=False, logits_to_keep=G + 1, **extra)
+    logp = torch.log_softmax(sampling_logits(out.logits[:, :-1], temperature, suppress), -1)  # (B, G, V)
+    logprobs = logp.gather(-1, gen_ids.unsqueeze(-1)).squeeze(-1).where(gen_mask, 0.0)        # (B, G)
+    return logprobs, states[0], out
 
 
 def prompt_forward(model, prompt: dict):
-    """The model's output on the prompts alone; out.hidden_states[-1][:, -1] is the last prompt token's state."""
+    """The last prompt token's last-layer state (B, H) and the model's output, on the prompts alone."""
     empty = prompt["input_ids"][:, :0]  # (B, 0): no answer tokens
-    return forward(model, prompt, empty, empty.bool())[1]
+    return forward(model, prompt, empty, empty.bool())[1:]
 
 
 def logprobs_and_values(policy: Policy, prompt: dict, gen_ids, gen_mask):
     """log p of each answer token (B, G) and V(s) from the last prompt token's hidden state (B,), in one forward."""
-    logprobs, out = forward(policy.model, prompt, gen_ids, gen_mask, policy.temperature, policy.suppress)
-    return logprobs, policy.value_head(out.hidden_states[-1][:, prompt["input_ids"].shape[1] - 1])
+    logprobs, state, _ = forward(policy.model, prompt, gen_ids, gen_mask, policy.temperature, policy.suppress)
+    return logprobs, policy.value_head(state)
 
 
 def action_start(tokenizer, gen_ids: list[int], span) -> int:
@@ -538,29 +583,18 @@ class Sample:
 def act(policy: Policy, task, images, infos, rng) -> list[Sample]:
     """Sample one answer per state and turn it into an action."""
     rows, prompt = state_prompts(policy, task, images, infos)
-    prompt_state = []  # the language model's last hidden state at the last prompt token: the value head's input
-
-    def keep_prompt_state(module, args, output):
-        if not prompt_state:  # generation's first pass is the one over the prompt
-            prompt_state.append(output.last_hidden_state[:, -1])
-    hook = policy.model.get_decoder().register_forward_hook(keep_prompt_state)
-    try:  # not generate's output_hidden_states: it would keep every layer at every token
-        out = policy.model.generate(**prompt, do_sample=True, temperature=policy.temperature, top_k=0, top_p=1.0,
-                                    max_new_tokens=policy.max_new_tokens, suppress_tokens=policy.suppress or None,
-                                    output_logits=True, return_dict_in_generate=True)
-    finally:
-        hook.remove()
-    gen_ids = out.sequences[:, prompt["input_ids"].shape[1]:]               # (B, G)
+    record = SamplingRecord(policy.temperature, policy.suppress)  # the sampling distribution: no other processor
+    with first_pass_state(policy.model, -1) as states:
+        sequences = policy.model.generate(**prompt, do_sample=True, top_k=0, top_p=1.0, logits_processor=[record],
+                                          max_new_tokens=policy.max_new_tokens)
+    record.took(sequences)
+    # the samples' tensors live on the CPU (the update moves each minibatch to the model's device)
+    gen_ids = sequences[:, prompt["input_ids"].shape[1]:].cpu()                                   # (B, G)
+    logprobs, entropy = (torch.stack(x, 1).cpu() for x in (record.logprobs, record.entropies))  # (B, G)
+    values = policy.value_head(states[0]).cpu()
     # tokens up to and including the first end-of-turn token are the answer; the rest is padding
-    is_end = torch.isin(gen_ids, torch.tensor(policy.stop_ids, device=gen_ids.device)).long()
+    is_end = torch.isin(gen_ids, torch.tensor(policy.stop_ids, device="cpu")).long()
     gen_mask = (is_end.cumsum(1) - is_end) == 0
-    # one generation step at a time: stacking the logits first would hold (B, G, V) floats twice or more
-    logprobs, entropy = (gen_ids.new_zeros(gen_ids.shape, dtype=torch.float32) for _ in range(2))  # (B, G)
-    for k, logits in enumerate(out.logits):
-        logp = sampling_logprobs(logits, policy.temperature, policy.suppress)  # (B, V)
-        logprobs[:, k] = logp.gather(1, gen_ids[:, k:k + 1]).squeeze(1)
-        entropy[:, k] = torch.special.entr(logp.exp()).sum(1)                  # -sum p log p, 0 log 0 = 0
-    values = policy.value_head(prompt_state[0])
     tokenizer, samples = policy.processor.tokenizer, []
     for i in range(len(infos)):
         ids = gen_ids[i][gen_mask[i]].tolist()
@@ -570,11 +604,11 @@ def act(policy: Policy, task, images, infos, rng) -> list[Sample]:
         if not format_ok:  # the paper plays a random legal action; counted as a format failure
             action, span = task.random_action(rng), None  # not the model's choice: every token is thought
         first = action_start(tokenizer, ids, span)
-        weights = torch.tensor([policy.thought_coef] * first + [1.0] * (len(ids) - first))
+        weights = torch.tensor([policy.thought_coef] * first + [1.0] * (len(ids) - first), device="cpu")
         samples.append(Sample(
-            prompt=rows[i], gen_ids=torch.tensor(ids, dtype=torch.long), weights=weights,
+            prompt=rows[i], gen_ids=gen_ids[i, :len(ids)].clone(), weights=weights,
             logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
-            entropy=entropy[i, :len(ids)], text=text, n_thought=first, thought=text[:span[0]] if span else text,
+            entropy=entropy[i, :len(ids)].clone(), text=text, n_thought=first, thought=text[:span[0]] if span else text,
             action=action, format_ok=format_ok))
     return samples
 
@@ -692,9 +726,9 @@ def file_batches(path: str, batch_size: int, rng):
 def perception_heads(policy: Policy, task, batch) -> dict:
     """One linear head per feature the perception loss reads, sized by a probe of the batch's first state."""
     rows = encode_prompts(policy.processor, batch[0][:1], batch[1][:1], policy.device)
-    probe = prompt_forward(policy.model, pad_prompts(rows, policy.pad_id))
-    sizes = {"image": probe.image_hidden_states.numel(), "prompt": probe.hidden_states[-1].shape[-1]}
-    return {k: torch.nn.Linear(n, sum(task.label_classes)).to(policy.device) for k, n in sizes.items()}
+    state, probe = prompt_forward(policy.model, pad_prompts(rows, policy.pad_id))
+    sizes = {"image": probe.image_hidden_states.numel(), "prompt": state.shape[-1]}
+    return {k: torch.nn.Linear(n, sum(task.label_classes), device=policy.device) for k, n in sizes.items()}
 
 
 def sft_loss(policy: Policy, heads: dict, task, batch):
@@ -706,13 +740,13 @@ def sft_loss(policy: Policy, heads: dict, task, batch):
                for p, a in zip(prompts, answers)]
     # the same batch layout as the PPO update: left-padded prompts, right-padded answers
     prompt = pad_prompts(encode_prompts(policy.processor, images, prompts, policy.device), policy.pad_id)
-    gen_ids, gen_mask = (x.to(policy.device) for x in pad_answers([torch.tensor(a) for a in answers], policy.pad_id))
-    logprobs, out = forward(policy.model, prompt, gen_ids, gen_mask)
+    gen_ids, gen_mask = pad_answers([torch.tensor(a, device=policy.device) for a in answers], policy.pad_id)
+    logprobs, state, out = forward(policy.model, prompt, gen_ids, gen_mask)
     loss = lm_loss = -logprobs.sum() / gen_mask.sum()
     stats = {}
     if heads:
         features = {"image": out.image_hidden_states.reshape(len(images), -1).float(),  # (B, tokens * hidden), raw
-                    "prompt": out.hidden_states[-1][:, prompt["input_ids"].shape[1] - 1].float()}  # (B, hidden)
+                    "prompt": state.float()}                                                    # (B, hidden)
         labels = torch.tensor(labels, device=policy.device)                           # (B, n_labels)
         for name, head in heads.items():
             logits = head(features[name]).split(list(task.label_classes), dim=1)
@@ -754,7 +788,7 @@ def add_lora(model, s: Settings) -> list[str]:
 def add_trainable(policy: Policy, s: Settings) -> list[torch.nn.Parameter]:
     """LoRA adapters and a new value head: the parameters RL trains (their initialisation draws from torch)."""
     add_lora(policy.model, s)
-    policy.value_head = ppo.ValueHead(policy.model.config.get_text_config().hidden_size).to(policy.device)
+    policy.value_head = ppo.ValueHead(policy.model.config.get_text_config().hidden_size, device=policy.device)
     return ppo.lora_parameters(policy.model) + list(policy.value_head.parameters())
 
 
@@ -763,8 +797,8 @@ def add_trainable(policy: Policy, s: Settings) -> list[torch.nn.Parameter]:
 @torch.no_grad()
 def prompt_values(policy: Policy, task, images, infos) -> torch.Tensor:
     """V(s) for a batch of states (B,) from a prompt-only forward: bootstrap values, and final states' values."""
-    out = prompt_forward(policy.model, state_prompts(policy, task, images, infos)[1])
-    return policy.value_head(out.hidden_states[-1][:, -1])
+    state, _ = prompt_forward(policy.model, state_prompts(policy, task, images, infos)[1])
+    return policy.value_head(state).cpu()
 
 
 @dataclass
@@ -781,7 +815,7 @@ class Rollout:
 
 def rollout(policy: Policy, task, pool: EnvPool, num_steps: int, format_penalty: float, rng) -> Rollout:
     """num_steps steps of this rank's envs; the statistics are over every rank's."""
-    rewards, terminated, truncated, values, next_values = (torch.zeros(num_steps, len(pool.envs)) for _ in range(5))
+    rewards, terminated, truncated, values, next_values = torch.zeros(5, num_steps, len(pool.envs), device="cpu")
     samples, episode_returns, finals = [], [], []
     for t in range(num_steps):
         step_samples = act(policy, task, pool.obs, pool.infos, rng)
@@ -831,12 +865,12 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
     rank, world = rank_and_world()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     n = len(samples)
-    local = torch.stack([torch.tensor([x.logprob for x in samples]), torch.tensor([x.value for x in samples]),
-                         advantages.flatten(), returns.flatten()])                        # (4, n)
-    b_logprobs, b_values, b_advantages, b_returns = torch.cat(gather(local), 1)          # (4, world * n)
+    local = torch.cat([torch.tensor([[x.logprob for x in samples], [x.value for x in samples]], device="cpu"),
+                       torch.stack([advantages.flatten(), returns.flatten()])])                        # (4, n)
+    b_logprobs, b_values, b_advantages, b_returns = torch.cat(gather(local), 1).to(policy.device)  # (4, world * n)
     orders = gather([rng.permutation(world * n) for _ in range(s.update_epochs)])[0]
     minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, world * n, s.minibatch_size)]
-    policy.model.train()
+    update_mode(policy.model)
     measured, grad_norms = [], []
     for k, mb in enumerate(minibatches):
         mb_advantages = b_advantages[mb]
@@ -876,6 +910,15 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
                grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
                explained_variance=ppo.explained_variance(b_values, b_returns))
     return out
+
+
+def update_mode(model) -> None:
+    """The update's forward as sampling's: eval mode (no dropout, LoRA's neither), except in layers that checkpoint
+    their activations, as transformers does only in train mode (their sublayers stay in eval mode)."""
+    model.eval()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            m.training = True
 
 
 # ---- Evaluation, and pages of episodes that show what the agent reads and thinks
@@ -981,7 +1024,7 @@ def model_input(processor, prompt: dict):
     pixels, ip = prompt.get("pixel_values"), processor.image_processor
     if pixels is None or pixels.dim() != 4 or not hasattr(ip, "image_mean"):
         return None
-    std, mean = (torch.tensor(v)[:, None, None] for v in (ip.image_std, ip.image_mean))
+    std, mean = (torch.tensor(v, device="cpu")[:, None, None] for v in (ip.image_std, ip.image_mean))
     pixels = pixels[0].float().cpu() * std + mean
     return Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
@@ -1091,7 +1134,7 @@ def restore_checkpoint(run_dir: Path, policy: Policy, scheduler, pool: EnvPool, 
     if not name.startswith("checkpoint-") or not folder.is_dir():
         fail(f"{latest} names no checkpoint folder; {advice}")
     with damaged(folder / "state.pt", advice):
-        state = torch.load(folder / "state.pt", weights_only=True)
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     with damaged(folder / "envs.json", advice):
         ranks = json.loads((folder / "envs.json").read_text())
         if len(ranks) != world or len(state["torch_rng"]) != len(ranks):
@@ -1164,33 +1207,31 @@ def run(s: Settings, task, run_dir: Path) -> dict:
         if is_main:
             write_text(results_path, json.dumps(results, indent=1))
 
-    try:
-        for update in range(start, num_updates + 1):
-            t0 = time.time()
-            batch = rollout(policy, task, pool, s.num_steps, s.format_penalty, rng)
-            rollout_seconds = time.time() - t0
-            advantages, returns = ppo.compute_gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
-                                                  batch.truncated, s.gamma, s.gae_lambda)
-            stats = dict(batch.stats, **ppo_update(policy, optimizer, batch.samples, advantages, returns, s, rng))
-            scheduler.step()
-            seconds = time.time() - t0
-            metrics = dict(update=update, env_steps=update * batch_size, **stats, lr=scheduler.get_last_lr()[0],
-                           rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(batch_size / seconds, 1))
-            top = max(stats["action_share"].items(), key=lambda kv: kv[1])
-            log(f"update {update}/{num_updates}  steps {update * batch_size}  "
-                + "  ".join(f"{k} {stats[k]:.3g}" for k in LOGGED)
-                + f"  top action {top[0]!r} {top[1]:.2f}  {batch_size / seconds:.0f} steps/s")
-            if is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            if update % s.checkpoint_every == 0 or update == num_updates:
-                save_checkpoint(run_dir, update, policy, scheduler, pool, rng, s.keep_checkpoints)
-    except KeyboardInterrupt:
-        last = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else "none"
-        log(f"\ninterrupted; last checkpoint: {last}")
-        raise
+    for update in range(start, num_updates + 1):
+        t0 = time.time()
+        batch = rollout(policy, task, pool, s.num_steps, s.format_penalty, rng)
+        rollout_seconds = time.time() - t0
+        advantages, returns = ppo.compute_gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                                              batch.truncated, s.gamma, s.gae_lambda)
+        stats = dict(batch.stats, **ppo_update(policy, optimizer, batch.samples, advantages, returns, s, rng))
+        lr = scheduler.get_last_lr()[0]  # this update's
+        scheduler.step()
+        seconds = time.time() - t0
+        metrics = dict(update=update, env_steps=update * batch_size, **stats, lr=lr,
+                       rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(batch_size / seconds, 1))
+        top = max(stats["action_share"].items(), key=lambda kv: kv[1])
+        log(f"update {update}/{num_updates}  steps {update * batch_size}  "
+            + "  ".join(f"{k} {stats[k]:.3g}" for k in LOGGED)
+            + f"  top action {top[0]!r} {top[1]:.2f}  {batch_size / seconds:.0f} steps/s")
+        if is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if update % s.checkpoint_every == 0 or update == num_updates:
+            save_checkpoint(run_dir, update, policy, scheduler, pool, rng, s.keep_checkpoints)
 
     results["rl"] = evaluate(policy, task, s, log, "after RL", s.episodes and run_dir / "episodes-rl.md")
+    if policy.device.type == "cuda":
+        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(policy.device) / 2**30:.2f} GiB")
     if is_main:
         write_text(results_path, json.dumps(results, indent=1))
         paper = task.paper["rl" if s.cot else "no_cot"]

@@ -1381,7 +1381,8 @@ def test_value_head_float32():
     (["--lr", "nan"], "--lr must be > 0, got nan"),
     (["--target-kl", "inf"], "--target-kl must be >= 0, got inf"),
     (["--seeds", "3", "-1"], "--seed must be in 0..999, got -1"),
-    (["--dtype", "float64"], "--dtype must be float32, bfloat16 or float16"),
+    (["--dtype", "float64"], "--dtype must be float32 or bfloat16"),
+    (["--dtype", "float16"], "--dtype must be float32 or bfloat16, got 'float16'"),
     (["--aux-loss", "on", "--sft-data", "SFT"], "--aux-loss on needs the env's labels"),
 ])
 def test_bad_settings_are_rejected_with_one_line(argv, message, tmp_path):
@@ -1594,7 +1595,7 @@ def test_rollout_logprobs_values_and_entropy_equal_a_full_forward(policy):
             assert abs(float((logprobs * weights).sum()) - x.logprob) < 1e-5
             assert abs(float(values[0]) - x.value) < 1e-5
             # the entropy of each step's sampling distribution, -sum p log p over the unsuppressed tokens
-            logits = rl4vlm.forward(policy.model, prompt, gen_ids, gen_mask)[1].logits[0, :-1].double() / 0.7
+            logits = rl4vlm.forward(policy.model, prompt, gen_ids, gen_mask)[2].logits[0, :-1].double() / 0.7
             p = torch.softmax(logits.index_fill(1, torch.tensor(policy.suppress), -math.inf), -1)
             entropy = -(p * p.log()).nan_to_num().sum(1)
             assert torch.allclose(x.entropy.double(), entropy, atol=1e-4)
@@ -1799,6 +1800,16 @@ RECORDED_RESULTS = {stage: dict(success=0.25, mean_return=-1.5, format_fail=1.0,
                     for stage in ("warm_start", "rl")}
 
 
+def check_recorded(rows, results):
+    """What the method computed, against the recorded run: counts and shares exactly, losses and KL to 1e-3."""
+    for row, recorded in zip(rows, RECORDED_UPDATES, strict=True):
+        counts, measured = recorded
+        assert {k: row[k] for k in counts} == counts, row["update"]
+        assert {k: row[k] for k in measured} == pytest.approx(measured, rel=1e-3), row["update"]
+    for stage, recorded in RECORDED_RESULTS.items():
+        assert {k: results[stage][k] for k in recorded} == pytest.approx(recorded, rel=1e-6), stage
+
+
 def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sigkill(cache, tmp_path, monkeypatch):
     common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
     saved, save = [], rl4vlm.save_checkpoint
@@ -1808,18 +1819,12 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sig
     rows = rl4vlm.metrics(full)
     assert [r["update"] for r in rows] == [1, 2, 3]
     assert saved == [2, 3], "--checkpoint-every 2: after update 2 and after the last"
-    # the cosine schedule: after update k of N, lr_min + (lr - lr_min) (1 + cos(pi k / N)) / 2
+    # the cosine schedule: update k of N steps at lr_min + (lr - lr_min) (1 + cos(pi (k - 1) / N)) / 2
     lr, lr_min = 1e-3, 1e-9
-    expected = [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * k / 3)) / 2 for k in (1, 2, 3)]
+    expected = [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * (k - 1) / 3)) / 2 for k in (1, 2, 3)]
     assert all(abs(r["lr"] - e) < 1e-12 for r, e in zip(rows, expected)), [r["lr"] for r in rows]
     assert [r["env_steps"] for r in rows] == [16, 32, 48]
-    # what the method computed, against the recorded run: counts and shares exactly, losses and KL to 1e-3
-    for row, recorded in zip(rows, RECORDED_UPDATES, strict=True):
-        counts, measured = recorded
-        assert {k: row[k] for k in counts} == counts, row["update"]
-        assert {k: row[k] for k in measured} == pytest.approx(measured, rel=1e-3), row["update"]
-    for stage, recorded in RECORDED_RESULTS.items():
-        assert {k: results[stage][k] for k in recorded} == pytest.approx(recorded, rel=1e-6), stage
+    check_recorded(rows, results)
     assert (full / "latest").read_text() == "checkpoint-00003"
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-00002", "checkpoint-00003"]  # keep 2
     assert sorted(p.name for p in (full / "checkpoint-00003").iterdir()) == [
@@ -1844,6 +1849,26 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sig
     resumed = rl4vlm.main(["--resume", str(killed)])
     assert strip_timing(rl4vlm.metrics(killed)) == strip_timing(rows)
     assert strip_seconds(resumed) == strip_seconds(results)
+
+
+def test_every_tensor_is_made_on_the_device_it_is_used_on(cache, tmp_path, monkeypatch):
+    """With torch's default device set to meta, a tensor made without naming its device lands on meta and raises
+    where it meets the policy's (CPU) tensors, as a CPU tensor meets a GPU run's; only the processor and model
+    loading make tensors of their own (on the CPU here). A whole run (warm start, rollout, update, evaluation,
+    checkpoint), stopped in update 3 and resumed, gives the recorded run's numbers."""
+    def on_cpu(function):
+        def wrapped(*args, **kwargs):
+            with torch.device("cpu"):
+                return function(*args, **kwargs)
+        return wrapped
+    for name in ("encode_prompt", "load_policy", "build_builtin"):
+        monkeypatch.setattr(rl4vlm, name, on_cpu(getattr(rl4vlm, name)))
+    with torch.device("meta"):
+        with monkeypatch.context() as patch, pytest.raises(SystemExit):
+            patch.setattr(rl4vlm, "ppo_update", interrupting(rl4vlm.ppo_update, at_call=3))
+            rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "run"])
+        results = rl4vlm.main(["--resume", str(tmp_path / "run")])
+    check_recorded(rl4vlm.metrics(tmp_path / "run"), results)
 
 
 @pytest.mark.parametrize("kind", ["truncated state.pt", "missing envs.json", "latest names nothing",
@@ -2150,10 +2175,37 @@ def test_bfloat16_weights_with_float32_log_probs_values_and_ppo(llava):
     with torch.no_grad():
         prompt, gen_ids, gen_mask, _ = rl4vlm.collate(batch.samples, policy.pad_id)
         logprobs, v = rl4vlm.logprobs_and_values(policy, prompt, gen_ids, gen_mask)
+        logits = rl4vlm.forward(policy.model, prompt, gen_ids, gen_mask)[2].logits
     assert logprobs.dtype == v.dtype == torch.float32
+    assert logits.dtype == torch.float32 and not torch.equal(logits, logits.bfloat16().float()), "rounded to bf16"
     assert all(np.isfinite(x.logprob) for x in batch.samples)
     stats = ppo_step(policy, s, batch.samples)
     assert np.isfinite(stats["policy_loss"]) and np.isfinite(stats["grad_norm"])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_update_runs_without_dropout_as_sampling_does(llava, checkpointing):
+    """--lora-dropout 0.05: the update's forward gives exactly what sampling's mode (eval) gives, so the first
+    epoch's ratio is 1; with --grad-checkpointing its layers still run again in the backward pass."""
+    s, policy = load(llava, lora_dropout=0.05, max_new_tokens=8)
+    model = policy.model
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    obs, infos = states(4)
+    samples = rl4vlm.act(policy, envs.get_task("numberline"), obs, infos, np.random.default_rng(0))
+    batch = rl4vlm.collate(samples, policy.pad_id)[:3]
+    with torch.no_grad():
+        sampling = rl4vlm.logprobs_and_values(policy, *batch)
+        model.train()
+        dropped = rl4vlm.logprobs_and_values(policy, *batch)
+    calls = []
+    model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    rl4vlm.update_mode(model)
+    update = rl4vlm.logprobs_and_values(policy, *batch)
+    (update[0].sum() + update[1].sum()).backward()
+    assert torch.equal(update[0], sampling[0]) and torch.equal(update[1], sampling[1])
+    assert not torch.allclose(dropped[0], sampling[0]), "in train mode LoRA's dropout acts"
+    assert len(calls) == 1 + checkpointing
 
 
 def test_grad_checkpointing_gives_the_same_gradients(llava):
