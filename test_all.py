@@ -1976,8 +1976,10 @@ def parallel_suite(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     args = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--env", "numberline,blackjack", "--workers", "2",
                    "--total-steps", "32"]
+    # SIGINT as a terminal's Ctrl-C sends it, also where the tests themselves run with it ignored (a background job)
     suite = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *args, "--run-name", "suite"], cwd=HERE,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     printed = []
     while sum("started" in line for line in printed) < 2:  # one line per stage: the suite ends if its output does
         line = suite.stdout.readline()
