@@ -13,6 +13,7 @@ The sections below follow a run. Where this departs from the paper (the README s
 from __future__ import annotations
 
 import argparse
+import copy
 import fcntl
 import hashlib
 import itertools
@@ -859,7 +860,8 @@ def diagnostics(samples: list[Sample], action_names) -> dict:
 
 def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, returns, s: Settings, rng) -> dict:
     """update_epochs passes over the batch in shuffled minibatches; advantages, returns (num_steps, num_envs here).
-    The KL guard (CleanRL's target_kl): the first minibatch past target_kl takes no step and ends the update.
+    The trust region: after each step the minibatch's approx_kl is measured again, and a step that takes it past
+    target_kl is undone (weights and optimizer state) and ends the update, as does a minibatch already past it.
     Under torchrun the batch is global (rank r holds samples r * n .. r * n + n - 1): every rank follows rank 0's
     order, normalises over the whole minibatch and sums gradients, so each takes the step one process would."""
     rank, world = rank_and_world()
@@ -870,43 +872,63 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
     b_logprobs, b_values, b_advantages, b_returns = torch.cat(gather(local), 1).to(policy.device)  # (4, world * n)
     orders = gather([rng.permutation(world * n) for _ in range(s.update_epochs)])[0]
     minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, world * n, s.minibatch_size)]
-    update_mode(policy.model)
-    measured, grad_norms = [], []
-    for k, mb in enumerate(minibatches):
-        mb_advantages = b_advantages[mb]
-        if len(mb) > 1:
-            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+    def minibatch_pass(k: int, mb, mb_advantages, backward: bool) -> dict:
+        """The loss over minibatch mb, micro-batch by micro-batch (gradients summed if `backward`); its statistics
+        over every rank."""
         mine = np.flatnonzero(mb // n == rank)  # the places in mb of this rank's samples
-        optimizer.zero_grad()
-        mb_stats = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clipfrac"), 0.0)
+        totals = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clipfrac"), 0.0)
         for j in range(0, len(mine), s.micro_batch):
             places = mine[j:j + s.micro_batch]
             micro = mb[places]
             prompt, gen_ids, gen_mask, weights = collate([samples[g - rank * n] for g in micro], policy.pad_id)
-            logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids, gen_mask)
-            new_logprobs = (logprobs * weights).sum(1)     # log pi(a|s), (micro,)
-            loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[places], new_values,
-                                       b_values[micro], b_returns[micro], clip_coef=s.clip_coef, vf_coef=s.vf_coef)
+            with torch.set_grad_enabled(backward):
+                logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids, gen_mask)
+                new_logprobs = (logprobs * weights).sum(1)     # log pi(a|s), (micro,)
+                loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[places], new_values,
+                                           b_values[micro], b_returns[micro], clip_coef=s.clip_coef, vf_coef=s.vf_coef)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"PPO loss is {loss.item()} (minibatch {k + 1}, stats {stats}); "
                                          "the last checkpoint is untouched")
-            (loss * len(micro) / len(mb)).backward()
-            for key in mb_stats:
-                mb_stats[key] += stats[key] * len(micro) / len(mb)
-        totals = torch.tensor(list(mb_stats.values()), dtype=torch.float64, device=policy.device)
-        all_sum([totals])
-        measured.append(dict(zip(mb_stats, totals.tolist())))
+            if backward:
+                (loss * len(micro) / len(mb)).backward()
+            for key in totals:
+                totals[key] += stats[key] * len(micro) / len(mb)
+        summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=policy.device)
+        all_sum([summed])
+        return dict(zip(totals, summed.tolist()))
+
+    update_mode(policy.model)
+    measured, step_kls, grad_norms, undone = [], [], [], 0
+    for k, mb in enumerate(minibatches):
+        mb_advantages = b_advantages[mb]
+        if len(mb) > 1:
+            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+        optimizer.zero_grad()
+        measured.append(minibatch_pass(k, mb, mb_advantages, backward=True))
         if s.target_kl and measured[-1]["approx_kl"] > s.target_kl:
-            break  # the KL guard
+            break  # past the target already, after steps on other minibatches: no step
         if world > 1:  # sum the gradients; a rank with no sample in this minibatch adds zeros
             for p in params:
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             all_sum([p.grad for p in params])
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+        before = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
         optimizer.step()
+        kl = minibatch_pass(k, mb, mb_advantages, backward=False)["approx_kl"]  # the policy now, the same samples
+        if s.target_kl and kl > s.target_kl:  # the trust region: the step is undone and the update ends
+            with torch.no_grad():
+                for p, saved in zip(params, before[0]):
+                    p.copy_(saved)
+            optimizer.load_state_dict(before[1])
+            undone = 1
+            break
+        step_kls.append(kl)
+        grad_norms.append(grad_norm)
     policy.model.eval()
     out = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
-    out.update(approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(grad_norms),
+    out.update(approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(step_kls), undone_steps=undone,
+               step_kl_max=max(step_kls, default=0.0), step_kls=step_kls,
                grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
                explained_variance=ppo.explained_variance(b_values, b_returns))
     return out
@@ -1242,8 +1264,8 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     return results
 
 
-LOGGED = ("success", "episodes", "mean_return", "format_fail", "approx_kl", "clipfrac", "optimizer_steps",
-          "explained_variance", "thought_entropy", "action_entropy", "distinct_thoughts")  # in each update's log line
+LOGGED = ("success", "episodes", "mean_return", "format_fail", "step_kl_max", "clipfrac", "optimizer_steps",
+          "undone_steps", "explained_variance", "thought_entropy", "action_entropy", "distinct_thoughts")  # logged
 
 
 def results_table(task, results: dict) -> str:
@@ -1404,7 +1426,7 @@ def progress(folder: Path, s: Settings, seen: list) -> list[str]:
     for m in map(json.loads, lines[min(seen[1], len(lines)):]):  # a resumed run rewrites its metrics
         if m["update"] % s.checkpoint_every == 0 or m["update"] == num_updates:
             out.append(f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "
-                       f"{m['format_fail']:.3f}, approx_kl {m['approx_kl']:.4f}")
+                       f"{m['format_fail']:.3f}, kept steps' approx_kl up to {m['step_kl_max']:.4f}")
     seen[1] = len(lines)
     return out
 
@@ -1432,13 +1454,15 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
             for t in tasks for stage, label, paper in stages]
     md = [f"Success % (seeds {', '.join(map(str, seeds))}; 500 held-out episodes a cell unless --eval-episodes "
           "says otherwise)", "", *seed_rows(rows, seeds), "",
-          "| task | greedy action = expert's: warm start | after RL | approx_kl median | approx_kl max |",
-          "|---|---|---|---|---|"]
+          "| task | greedy action = expert's: warm start | after RL | kept steps' approx_kl median | max | undone steps |",
+          "|---|---|---|---|---|---|"]
     csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"]
     for t in tasks:
         agree = [np.mean([results[t.name, seed][stage]["expert_match"] for seed in seeds]) for stage, *_ in stages]
-        kl = [m["approx_kl"] for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]  # every update
-        md.append(f"| {t.name} | {100 * agree[0]:.1f} | {100 * agree[1]:.1f} | {np.median(kl):.4f} | {max(kl):.4f} |")
+        updates = [m for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]
+        kl = [kl for m in updates for kl in m["step_kls"]] or [math.nan]  # every kept step
+        md.append(f"| {t.name} | {100 * agree[0]:.1f} | {100 * agree[1]:.1f} | {np.median(kl):.4f} | {max(kl):.4f} | "
+                  f"{sum(m['undone_steps'] for m in updates)} |")
         for seed, (stage, _, paper) in itertools.product(seeds, stages):
             r = results[t.name, seed][stage]
             csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},"
