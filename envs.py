@@ -556,6 +556,11 @@ class Task:
         """The expert's action with probability `share` (where it has one), else a random one."""
         return expert if expert is not None and rng.random() < share else self.random_action(rng)
 
+    def answer_checks(self, info, text: str) -> tuple[bool, bool]:
+        """Whether an answer holds the state's read fields and its true thought exactly as the warm start writes them."""
+        read = json.dumps(self.read(info))[1:-1]  # '"current": 2, "target": 4'
+        return read in text, f'"thoughts": {json.dumps(self.thought(info))}' in text
+
     def answer(self, info, action, cot):
         assert 0 <= action < len(self.actions), f"action {action} not in 0..{len(self.actions) - 1}"
         fields = {**self.read(info), "thoughts": self.thought(info)} if cot else {}

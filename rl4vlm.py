@@ -87,7 +87,8 @@ class Settings:
     temperature: float = _opt(0.2, "sampling temperature, also applied in the loss (as in the paper)", check="> 0")
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int, check="> 0")
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action", check=">= 0")
-    target_kl: float = _opt(0.05, "an update stops before a minibatch past this approx_kl (0: never)", check=">= 0")
+    target_kl: float = _opt(0.05, "no PPO step may take a minibatch's approx_kl past this (0: no limit)", check=">= 0")
+    backtrack: int = _opt(0, "a step past target_kl is retried at half the length this many times", check=">= 0")
 
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
     num_steps: int = _opt(None, "steps per env per update (default: the task's)", int, check="> 0")
@@ -578,6 +579,12 @@ class Sample:
     thought: str           # the text before the action value (all of it without one)
     action: int            # the action played: the text's, or a random one (format failure)
     format_ok: bool
+    read_ok: bool | None = None     # with CoT: the answer's read fields are the state's, exactly
+    thought_ok: bool | None = None  # with CoT: its thought is the state's true one (Points: the expert's plan)
+
+    @property
+    def checks(self) -> tuple:
+        return self.format_ok, self.read_ok, self.thought_ok
 
 
 @torch.no_grad()
@@ -605,12 +612,13 @@ def act(policy: Policy, task, images, infos, rng) -> list[Sample]:
         if not format_ok:  # the paper plays a random legal action; counted as a format failure
             action, span = task.random_action(rng), None  # not the model's choice: every token is thought
         first = action_start(tokenizer, ids, span)
+        read_ok, thought_ok = task.answer_checks(infos[i], text) if policy.cot else (None, None)
         weights = torch.tensor([policy.thought_coef] * first + [1.0] * (len(ids) - first), device="cpu")
         samples.append(Sample(
             prompt=rows[i], gen_ids=gen_ids[i, :len(ids)].clone(), weights=weights,
             logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
             entropy=entropy[i, :len(ids)].clone(), text=text, n_thought=first, thought=text[:span[0]] if span else text,
-            action=action, format_ok=format_ok))
+            action=action, format_ok=format_ok, read_ok=read_ok, thought_ok=thought_ok))
     return samples
 
 
@@ -639,7 +647,7 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
         aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
         seeds = stream("warm_start", s.seed)
         key = {k: getattr(s, k) for k in ("model", "cot", "sft_steps", "sft_batch", "sft_lr", "sft_expert",
-                                          "sft_follow", "seed", "max_grad_norm", "dtype")}
+                                          "sft_follow", "seed", "max_grad_norm", "dtype", "temperature")}
         key.update(env=task.env_id, aux=aux, texts=TEXTS, episodes=seeds.start,
                    sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
                    lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision])
@@ -657,7 +665,8 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
 def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) -> None:
     """Warm-start the model at `path` as `key` says and save it to `folder` (a pretrained one's LoRA merged)."""
     full, aux = key["lora"] is None, key["aux"]
-    policy = load_policy(path, s.device, s.dtype, s.grad_checkpointing)
+    # the loss at the sampling temperature: sampling at it then draws the answers' mix, not a sharpened one
+    policy = replace(load_policy(path, s.device, s.dtype, s.grad_checkpointing), temperature=s.temperature)
     answers = f"answers from {s.sft_data}" if s.sft_data else f"expert's actions in {s.sft_expert:.0%} of them"
     log(f"warm start: {s.sft_steps} steps on {task.env_id}, {answers}"
         + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
@@ -742,7 +751,7 @@ def sft_loss(policy: Policy, heads: dict, task, batch):
     # the same batch layout as the PPO update: left-padded prompts, right-padded answers
     prompt = pad_prompts(encode_prompts(policy.processor, images, prompts, policy.device), policy.pad_id)
     gen_ids, gen_mask = pad_answers([torch.tensor(a, device=policy.device) for a in answers], policy.pad_id)
-    logprobs, state, out = forward(policy.model, prompt, gen_ids, gen_mask)
+    logprobs, state, out = forward(policy.model, prompt, gen_ids, gen_mask, policy.temperature, policy.suppress)
     loss = lm_loss = -logprobs.sum() / gen_mask.sum()
     stats = {}
     if heads:
@@ -841,9 +850,15 @@ def rollout(policy: Policy, task, pool: EnvPool, num_steps: int, format_penalty:
     stats = dict(episodes=len(episode_returns),
                  success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
                  mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
-                 format_fail=float(np.mean([not x.format_ok for x in every])), **diagnostics(every, task.actions),
+                 **answer_shares([x.checks for x in every]), **diagnostics(every, task.actions),
                  answer=every[0].text)  # one answer of the batch, to see the thoughts change
     return Rollout(samples, rewards, values, next_values, terminated, truncated, stats)
+
+
+def answer_shares(checks: list[tuple]) -> dict:
+    """Shares of answers naming no legal action and, with CoT, reading the state right and thinking the true thought."""
+    ok, read, thought = np.array(checks, dtype=float).T  # None (no CoT) -> nan
+    return dict(format_fail=1 - ok.mean(), read_right=read.mean(), thought_right=thought.mean())
 
 
 def diagnostics(samples: list[Sample], action_names) -> dict:
@@ -899,7 +914,8 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
         return dict(zip(totals, summed.tolist()))
 
     update_mode(policy.model)
-    measured, step_kls, grad_norms, undone = [], [], [], 0
+    measured, step_kls, grad_norms, undone, scale = [], [], [], 0, 1.0
+    lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's, put back at the end
     for k, mb in enumerate(minibatches):
         mb_advantages = b_advantages[mb]
         if len(mb) > 1:
@@ -914,17 +930,26 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
             all_sum([p.grad for p in params])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
         before = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
-        optimizer.step()
-        kl = minibatch_pass(k, mb, mb_advantages, backward=False)["approx_kl"]  # the policy now, the same samples
-        if s.target_kl and kl > s.target_kl:  # the trust region: the step is undone and the update ends
+        for _ in range(s.backtrack + 1):
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr * scale
+            optimizer.step()
+            kl = minibatch_pass(k, mb, mb_advantages, backward=False)["approx_kl"]  # the policy now, the same samples
+            if not s.target_kl or kl <= s.target_kl:
+                break
+            # the trust region: the step is undone, then tried again at half the length (AdamW's step is lr times
+            # one direction from one state), up to `backtrack` times, the rest of the update at that length
             with torch.no_grad():
                 for p, saved in zip(params, before[0]):
                     p.copy_(saved)
-            optimizer.load_state_dict(before[1])
-            undone = 1
+            optimizer.load_state_dict(copy.deepcopy(before[1]))  # loading adopts the tensors, steps change them
+            undone, scale = undone + 1, scale / 2
+        if s.target_kl and kl > s.target_kl:  # still past it: the update ends
             break
         step_kls.append(kl)
         grad_norms.append(grad_norm)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
     policy.model.eval()
     out = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
     out.update(approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(step_kls), undone_steps=undone,
@@ -956,14 +981,14 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | No
     seeds, n = deals[rank::world], len(range(rank, s.eval_episodes, world))
     pool = EnvPool(task.env_id, min(s.eval_envs, n), seeds)
     active, shown = [True] * len(pool.envs), {}  # episode -> its steps
-    returns, format_ok, t0 = [], [], time.time()
+    returns, checks, t0 = [], [], time.time()
     last_log, rng = t0, np.random.default_rng(seeds.start)
     with torch_seeded(seeds.start):
         while any(active):
             idx = [i for i in range(len(active)) if active[i]]
             samples = act(policy, task, [pool.obs[i] for i in idx], [pool.infos[i] for i in idx], rng)
             for i, x in zip(idx, samples):
-                format_ok.append(x.format_ok)
+                checks.append(x.checks)
                 episode, picture = pool.episode[i], pool.obs[i]
                 reward, _, _, ended = pool.step(i, x.action)
                 if page and rank == 0 and episode < SHOWN:
@@ -976,15 +1001,16 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | No
                 log(f"evaluating {label}: {len(returns)}/{n} episodes, {time.time() - t0:.0f}s")
     if shown:
         write_episodes(page, task, label, {seeds[k]: steps for k, steps in sorted(shown.items())}, policy.processor)
-    returns, format_ok = (sum(parts, []) for parts in zip(*gather((returns, format_ok))))
+    returns, checks = (sum(parts, []) for parts in zip(*gather((returns, checks))))
     n = s.eval_episodes
     wins = sum(envs.is_success(r) for r in returns)
     low, high = wilson(wins, n)
     result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
-                  format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
+                  **answer_shares(checks), seconds=round(time.time() - t0, 1))
     result["expert_match"] = expert_match(policy, task, deals, min(200, n), s.eval_envs)
-    log(f"{label}: success {result['success']:.3f}, greedy action = expert's on {result['expert_match']:.3f} "
-        f"of held-out states along the expert's path")
+    log(f"{label}: success {result['success']:.3f}, answers read right {result['read_right']:.3f}, thoughts true "
+        f"{result['thought_right']:.3f}, greedy action = expert's on {result['expert_match']:.3f} of held-out states "
+        "along the expert's path")
     if task.solvable:  # the share of the evaluated deals that can be won at all
         env = gym.make(task.env_id)
         result["solvable"] = float(np.mean([task.solvable(env.reset(seed=deals[k])[1]) for k in range(n)]))
@@ -1264,15 +1290,17 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     return results
 
 
-LOGGED = ("success", "episodes", "mean_return", "format_fail", "step_kl_max", "clipfrac", "optimizer_steps",
+LOGGED = ("success", "episodes", "mean_return", "format_fail", "read_right", "thought_right", "step_kl_max", "clipfrac", "optimizer_steps",
           "undone_steps", "explained_variance", "thought_entropy", "action_entropy", "distinct_thoughts")  # logged
 
 
 def results_table(task, results: dict) -> str:
-    rows = ["| policy | success % (95% CI) | mean return | format failures % | episodes |", "|---|---|---|---|---|"]
+    rows = ["| policy | success % (95% CI) | mean return | format failures % | read right % | thought true % | episodes |",
+            "|---" * 7 + "|"]
     for name, r in results.items():
         rows.append(f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
-                    f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {r['episodes']} |")
+                    f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {100 * r['read_right']:.1f} | "
+                    f"{100 * r['thought_right']:.1f} | {r['episodes']} |")
     return f"{task.env_id}\n" + "\n".join(rows)
 
 
@@ -1454,19 +1482,23 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
             for t in tasks for stage, label, paper in stages]
     md = [f"Success % (seeds {', '.join(map(str, seeds))}; 500 held-out episodes a cell unless --eval-episodes "
           "says otherwise)", "", *seed_rows(rows, seeds), "",
-          "| task | greedy action = expert's: warm start | after RL | kept steps' approx_kl median | max | undone steps |",
-          "|---|---|---|---|---|---|"]
-    csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"]
+          "Warm start -> after RL, means over the seeds; the approx_kl of every kept PPO step and the undone ones:", "",
+          "| task | greedy action = expert's % | answers read right % | thoughts true % | format failures % | "
+          "approx_kl median | max | undone steps |", "|---" * 8 + "|"]
+    csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,read_right,thought_right,format_fail,solvable,"
+           "paper"]
     for t in tasks:
-        agree = [np.mean([results[t.name, seed][stage]["expert_match"] for seed in seeds]) for stage, *_ in stages]
+        mean = {k: [100 * np.mean([results[t.name, seed][stage][k] for seed in seeds]) for stage, *_ in stages]
+                for k in ("expert_match", "read_right", "thought_right", "format_fail")}
         updates = [m for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]
         kl = [kl for m in updates for kl in m["step_kls"]] or [math.nan]  # every kept step
-        md.append(f"| {t.name} | {100 * agree[0]:.1f} | {100 * agree[1]:.1f} | {np.median(kl):.4f} | {max(kl):.4f} | "
-                  f"{sum(m['undone_steps'] for m in updates)} |")
+        md.append(f"| {t.name} | " + " | ".join("{:.1f} -> {:.1f}".format(*v) for v in mean.values())
+                  + f" | {np.median(kl):.4f} | {max(kl):.4f} | {sum(m['undone_steps'] for m in updates)} |")
         for seed, (stage, _, paper) in itertools.product(seeds, stages):
             r = results[t.name, seed][stage]
             csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},"
-                       f"{r['episodes']},{r['expert_match']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
+                       f"{r['episodes']},{r['expert_match']:.4f},{r['read_right']:.4f},{r['thought_right']:.4f},"
+                       f"{r['format_fail']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
     for t in tasks:
         if t.solvable:
             share = np.mean([results[t.name, seed]["rl"]["solvable"] for seed in seeds])

@@ -1764,6 +1764,41 @@ def test_a_step_past_target_kl_is_undone_to_the_weights_and_optimizer_state_befo
         torch.equal(torch.as_tensor(after[i][k]), torch.as_tensor(v)) for i in after for k, v in state["state"][i].items())
 
 
+def test_a_backtracked_step_is_the_step_at_half_the_length_for_each_undo(policy):
+    """With --backtrack, a step past target_kl is undone and tried again at half the lr: the kept weights are, to the
+    bit, those of one step from the same weights and AdamW state at lr 0.1 / 2^undone; the schedule's lr is put back."""
+    task, policy = envs.get_task("numberline"), replace(policy, temperature=0.2)
+    params = trainable(policy)
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    s, _ = settings(target_kl=0.0, minibatch_size=4, micro_batch=2, update_epochs=1)
+    advantages = torch.tensor([[1.0, -1.0, 0.5, -0.5]])
+    update = lambda s: rl4vlm.ppo_update(policy, optimizer, samples_at_the_policy(policy, task)[0], advantages,
+                                         advantages.clone(), s, np.random.default_rng(0))
+    update(s)  # AdamW moments
+    weights, state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+
+    def restore(lr):
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+        optimizer.load_state_dict(copy.deepcopy(state))  # it adopts the tensors, and a step changes them
+        optimizer.param_groups[0]["lr"] = lr
+
+    full = update(s)["step_kls"][0]
+    restore(0.1)
+    stats = update(replace(s, target_kl=full / 10, backtrack=8))
+    kept = [p.detach().clone() for p in params]
+    assert stats["undone_steps"] >= 2 and stats["optimizer_steps"] == 1 and stats["step_kl_max"] <= full / 10
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    restore(0.1 / 2 ** stats["undone_steps"])
+    update(s)
+    assert all(torch.equal(a, b) for a, b in zip(kept, params))
+    # without backtracking the same step is undone and the update ends
+    restore(0.1)
+    stats = update(replace(s, target_kl=full / 10))
+    assert (stats["undone_steps"], stats["optimizer_steps"]) == (1, 0) and all(map(torch.equal, weights, params))
+
+
 def test_a_kept_steps_approx_kl_is_measured_after_the_step(policy):
     """One step, kept: its logged approx_kl is the policy's after the step against the old log-probs, by hand."""
     task, policy = envs.get_task("numberline"), replace(policy, temperature=0.2)
@@ -2087,9 +2122,27 @@ def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
         rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "old"])
 
 
+def test_an_answer_reads_right_with_the_states_fields_and_thinks_true_with_its_thought_exactly():
+    numberline, blackjack = envs.get_task("numberline"), envs.get_task("blackjack")
+    info = {"Current": 2, "Target": 4}
+    right = '{"current": 2, "target": 4, "thoughts": "target is above current", "action": "+"}'
+    assert numberline.answer(info, 1, cot=True) == right and numberline.answer_checks(info, right) == (True, True)
+    assert numberline.answer_checks(info, right.replace('"target": 4', '"target": 5')) == (False, True)
+    assert numberline.answer_checks(info, right.replace("above", "below")) == (True, False)
+    assert numberline.answer_checks(info, '{"current": 2, "target": 4, "thoughts": "target is above') == (True, False)
+    hand = {"Dealer": [10], "Player": [1, 6]}  # soft 17
+    answer = blackjack.answer(hand, 0, cot=True)
+    assert answer.startswith('{"dealer": 10, "player": 17, ') and blackjack.answer_checks(hand, answer) == (True, True)
+    # the shares of a batch; without CoT there is nothing to check
+    shares = rl4vlm.answer_shares([(True, True, False), (False, True, True), (True, False, True), (True, True, True)])
+    assert shares == dict(format_fail=0.25, read_right=0.75, thought_right=0.75)
+    assert all(math.isnan(v) for v in list(rl4vlm.answer_shares([(True, None, None)]).values())[1:])
+
+
 def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
     tasks = list(envs.TASKS.values())
     r = lambda p, t: dict(success=p, ci_low=p - 0.05, ci_high=p + 0.05, episodes=500, expert_match=p / 2,
+                          read_right=1 - p / 2, thought_right=1 - p / 5, format_fail=p / 10,
                           **({"solvable": 0.73} if t.solvable else {}))
     results = {}
     for seed, (ws, rl) in {1: (0.2, 0.6), 3: (0.1, 0.9)}.items():
@@ -2105,12 +2158,15 @@ def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
     assert lines[4] == "| NumberLine | warm start only | 20.0 | 10.0 | 15.0 | 10.0-20.0 | 24.8 |"
     assert lines[5] == "| NumberLine | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 89.4 |"
     assert lines[11] == "| Blackjack | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 40.2 |"
-    # expert match means over seeds; the kept steps' approx_kl median and max, and the undone steps, of both seeds
-    assert "| EZPoints | 7.5 | 37.5 | 0.0200 | 0.3000 | 2 |" in lines
+    # expert match, reading, thoughts, format failures: means over seeds (warm start 0.15, after RL 0.75);
+    # the kept steps' approx_kl median and max, and the undone steps, of both seeds
+    assert ("| EZPoints | 7.5 -> 37.5 | 92.5 -> 62.5 | 97.0 -> 85.0 | 1.5 -> 7.5 | 0.0200 | 0.3000 | 2 |") in lines
     assert "Points24: 73.0% of the evaluated deals can be won at all." in md
     rows = csv.splitlines()
-    assert rows[0] == "task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"
-    assert rows[1] == "NumberLine,1,warm_start,0.2000,0.1500,0.2500,500,0.1000,,24.8" and len(rows) == 1 + 2 * 2 * len(tasks)
+    assert rows[0] == ("task,seed,stage,success,ci_low,ci_high,episodes,expert_match,read_right,thought_right,"
+                       "format_fail,solvable,paper")
+    assert rows[1] == "NumberLine,1,warm_start,0.2000,0.1500,0.2500,500,0.1000,0.9000,0.9600,0.0200,,24.8"
+    assert len(rows) == 1 + 2 * 2 * len(tasks)
 
 
 # --- other model families: LLaVA, Idefics3, Gemma3 through --model FOLDER, Qwen2-VL's model ---
