@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,6 +73,13 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     return loss, stats
 
 
+def token_kl(logprobs, ref_logprobs, mask):
+    """KL(pi || pi_ref) of each sample, the mean over its tokens of k3 = r - 1 - log r with r = pi_ref / pi
+    (unbiased and >= 0 for tokens drawn from pi, http://joschu.net/blog/kl-approx.html): (B, G) -> (B,)."""
+    log_r = (ref_logprobs - logprobs).where(mask, 0.0)
+    return ((log_r.exp() - 1 - log_r) * mask).sum(1) / mask.sum(1)
+
+
 # ---- LoRA (Hu et al. 2021): W x + (alpha / rank) * B A x, with B = 0 at the start
 
 class LoRALinear(nn.Module):
@@ -100,6 +108,20 @@ class LoRALinear(nn.Module):
 
 def lora_modules(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_off(model):
+    """The base model for a block: every adapter's update scaled by 0."""
+    modules = [m for _, m in lora_modules(model)]
+    scalings = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, scaling in zip(modules, scalings):
+            m.scaling = scaling
 
 
 def lora_parameters(model):

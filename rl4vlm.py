@@ -88,6 +88,7 @@ class Settings:
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int, check="> 0")
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action", check=">= 0")
     target_kl: float = _opt(0.05, "no PPO step may take a minibatch's approx_kl past this (0: no limit)", check=">= 0")
+    kl_coef: float = _opt(0.0, "weight of a KL penalty toward the warm-started policy (the adapters off)", check=">= 0")
     backtrack: int = _opt(0, "a step past target_kl is retried at half the length this many times", check=">= 0")
 
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
@@ -581,6 +582,7 @@ class Sample:
     format_ok: bool
     read_ok: bool | None = None     # with CoT: the answer's read fields are the state's, exactly
     thought_ok: bool | None = None  # with CoT: its thought is the state's true one (Points: the expert's plan)
+    warm_logprobs: torch.Tensor | None = None  # (G,) with --kl-coef: log p of each token under the warm start
 
     @property
     def checks(self) -> tuple:
@@ -892,7 +894,8 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
         """The loss over minibatch mb, micro-batch by micro-batch (gradients summed if `backward`); its statistics
         over every rank."""
         mine = np.flatnonzero(mb // n == rank)  # the places in mb of this rank's samples
-        totals = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clipfrac"), 0.0)
+        keys = ["policy_loss", "value_loss", "approx_kl", "clipfrac"] + (["warm_kl"] if s.kl_coef else [])
+        totals = dict.fromkeys(keys, 0.0)
         for j in range(0, len(mine), s.micro_batch):
             places = mine[j:j + s.micro_batch]
             micro = mb[places]
@@ -902,6 +905,10 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
                 new_logprobs = (logprobs * weights).sum(1)     # log pi(a|s), (micro,)
                 loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[places], new_values,
                                            b_values[micro], b_returns[micro], clip_coef=s.clip_coef, vf_coef=s.vf_coef)
+                if s.kl_coef:  # toward the warm start, per answer token
+                    warm = pad_answers([samples[g - rank * n].warm_logprobs for g in micro], 0)[0].to(logprobs)
+                    warm_kl = ppo.token_kl(logprobs, warm, gen_mask).mean()
+                    loss, stats["warm_kl"] = loss + s.kl_coef * warm_kl, warm_kl.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"PPO loss is {loss.item()} (minibatch {k + 1}, stats {stats}); "
                                          "the last checkpoint is untouched")
@@ -914,6 +921,12 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
         return dict(zip(totals, summed.tolist()))
 
     update_mode(policy.model)
+    if s.kl_coef:  # the warm-started policy is this model with its adapters off: one more pass, no more memory
+        with torch.no_grad(), ppo.lora_off(policy.model):
+            for j in range(0, n, s.micro_batch):
+                logprobs, _ = logprobs_and_values(policy, *collate(samples[j:j + s.micro_batch], policy.pad_id)[:3])
+                for x, lp in zip(samples[j:j + s.micro_batch], logprobs.cpu()):
+                    x.warm_logprobs = lp[:len(x.gen_ids)]
     measured, step_kls, grad_norms, undone, scale = [], [], [], 0, 1.0
     lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's, put back at the end
     for k, mb in enumerate(minibatches):
@@ -1290,13 +1303,14 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     return results
 
 
-LOGGED = ("success", "episodes", "mean_return", "format_fail", "read_right", "thought_right", "step_kl_max", "clipfrac", "optimizer_steps",
-          "undone_steps", "explained_variance", "thought_entropy", "action_entropy", "distinct_thoughts")  # logged
+LOGGED = ("success", "episodes", "mean_return", "format_fail", "read_right", "thought_right", "step_kl_max", "clipfrac",
+          "optimizer_steps", "undone_steps", "explained_variance", "thought_entropy", "action_entropy",
+          "distinct_thoughts")
 
 
 def results_table(task, results: dict) -> str:
-    rows = ["| policy | success % (95% CI) | mean return | format failures % | read right % | thought true % | episodes |",
-            "|---" * 7 + "|"]
+    rows = ["| policy | success % (95% CI) | mean return | format failures % | answers read right % | "
+            "thoughts true % | episodes |", "|---" * 7 + "|"]
     for name, r in results.items():
         rows.append(f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
                     f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {100 * r['read_right']:.1f} | "

@@ -1799,6 +1799,38 @@ def test_a_backtracked_step_is_the_step_at_half_the_length_for_each_undo(policy)
     assert (stats["undone_steps"], stats["optimizer_steps"]) == (1, 0) and all(map(torch.equal, weights, params))
 
 
+def test_token_kl_is_the_mean_k3_over_the_answer_tokens_by_hand():
+    # r = pi_ref / pi = 0.5 and 2: (0.5 - 1 - log 0.5 + 2 - 1 - log 2) / 2 = 0.25; padding counts nothing
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.25), 0.0], [math.log(0.5), 0.0, 0.0]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.5), 5.0], [math.log(0.5), 5.0, 5.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert ppo.token_kl(logprobs, ref, mask).tolist() == pytest.approx([0.25, 0.0], abs=1e-7)
+
+
+def test_the_kl_penalty_reads_the_warm_start_as_the_model_with_its_adapters_off(policy):
+    """Adapters moved off zero: lora_off gives the log-probs of the adapters at zero, and the update's warm_kl is
+    token_kl of the policy against those, computed by hand (lr 0: no step moves anything)."""
+    task, policy = envs.get_task("numberline"), replace(policy, temperature=0.2)
+    samples, batch = samples_at_the_policy(policy, task)
+    with torch.no_grad():
+        for _, m in ppo.lora_modules(policy.model):
+            m.lora_B.weight.zero_()
+        at_zero = rl4vlm.logprobs_and_values(policy, *batch[:3])[0]
+        for _, m in ppo.lora_modules(policy.model):
+            m.lora_B.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        with ppo.lora_off(policy.model):
+            off = rl4vlm.logprobs_and_values(policy, *batch[:3])[0]
+        moved = rl4vlm.logprobs_and_values(policy, *batch[:3])[0]
+    assert torch.equal(off, at_zero) and not torch.allclose(moved, at_zero)
+    assert all(m.scaling == 2.0 for _, m in ppo.lora_modules(policy.model))  # alpha 16 / rank 8, put back
+    samples, batch = samples_at_the_policy(policy, task)
+    s, _ = settings(target_kl=0.0, minibatch_size=4, micro_batch=4, update_epochs=1, kl_coef=0.1)
+    stats = rl4vlm.ppo_update(policy, torch.optim.AdamW(trainable(policy), lr=0.0), samples,
+                              torch.tensor([[1.0, -1.0, 0.5, -0.5]]), torch.zeros(1, 4), s, np.random.default_rng(0))
+    by_hand = float(ppo.token_kl(moved, at_zero, batch[2]).mean())
+    assert by_hand > 1e-3 and stats["warm_kl"] == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_a_kept_steps_approx_kl_is_measured_after_the_step(policy):
     """One step, kept: its logged approx_kl is the policy's after the step against the old log-probs, by hand."""
     task, policy = envs.get_task("numberline"), replace(policy, temperature=0.2)
