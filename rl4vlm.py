@@ -6,9 +6,11 @@ last prompt token's hidden state and GAE over env steps fine-tunes the VLM throu
     log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens).
 The sections below follow a run. Where this departs from the paper (the README says why):
 1. The default policy is a tiny LLaVA built here from random weights; its warm start adds a perception loss.
-2. The warm start is imperfect on purpose (--sft-expert), and the tiny model has its own hyper-parameters.
+2. The warm start is imperfect on purpose (--sft-expert) and fits the sampling temperature; the tiny model has its
+   own hyper-parameters.
 3. A text that names no legal action is all thought tokens: the random action played is not the model's choice.
 4. Old log-probs and values come from the sampling pass; the update has no dropout either; suppressed tokens masked.
+5. A trust region (a PPO step past --target-kl is undone, then tried shorter) and a KL penalty toward the warm start.
 """
 from __future__ import annotations
 
@@ -88,8 +90,8 @@ class Settings:
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int, check="> 0")
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action", check=">= 0")
     target_kl: float = _opt(0.05, "no PPO step may take a minibatch's approx_kl past this (0: no limit)", check=">= 0")
-    kl_coef: float = _opt(0.0, "weight of a KL penalty toward the warm-started policy (the adapters off)", check=">= 0")
-    backtrack: int = _opt(0, "a step past target_kl is retried at half the length this many times", check=">= 0")
+    kl_coef: float = _opt(0.1, "weight of a KL penalty toward the warm-started policy (the adapters off)", check=">= 0")
+    backtrack: int = _opt(4, "a step past target_kl is retried at half the length this many times", check=">= 0")
 
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
     num_steps: int = _opt(None, "steps per env per update (default: the task's)", int, check="> 0")
@@ -877,8 +879,9 @@ def diagnostics(samples: list[Sample], action_names) -> dict:
 
 def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, returns, s: Settings, rng) -> dict:
     """update_epochs passes over the batch in shuffled minibatches; advantages, returns (num_steps, num_envs here).
-    The trust region: after each step the minibatch's approx_kl is measured again, and a step that takes it past
-    target_kl is undone (weights and optimizer state) and ends the update, as does a minibatch already past it.
+    The trust region: after each step the minibatch's approx_kl is measured again; a step that takes it past
+    target_kl is undone (weights and optimizer state) and tried again at half the length, up to `backtrack` times,
+    then the update ends, as it does at a minibatch already past it. With kl_coef, a penalty toward the warm start.
     Under torchrun the batch is global (rank r holds samples r * n .. r * n + n - 1): every rank follows rank 0's
     order, normalises over the whole minibatch and sums gradients, so each takes the step one process would."""
     rank, world = rank_and_world()
