@@ -541,7 +541,7 @@ class Task:
         return expert if expert is not None and rng.random() < share else self.random_action(rng)
 
     def answer_checks(self, info, text: str) -> tuple[bool, bool]:
-        """Whether an answer holds the state's read fields and its true thought exactly as the warm start writes them."""
+        """Whether an answer holds the state's read fields and true thought exactly as the warm start writes them."""
         read = json.dumps(self.read(info))[1:-1]  # '"current": 2, "target": 4'
         return read in text, f'"thoughts": {json.dumps(self.thought(info))}' in text
 

@@ -1273,13 +1273,14 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     return results
 
 
-LOGGED = ("success", "episodes", "mean_return", "format_fail", "read_right", "thought_right", "step_kl_max", "clipfrac", "optimizer_steps",
-          "undone_steps", "explained_variance", "thought_entropy", "action_entropy", "distinct_thoughts")  # logged
+LOGGED = ("success", "episodes", "mean_return", "format_fail", "read_right", "thought_right", "step_kl_max", "clipfrac",
+          "optimizer_steps", "undone_steps", "explained_variance", "thought_entropy", "action_entropy",
+          "distinct_thoughts")  # logged
 
 
 def results_table(task, results: dict) -> str:
-    rows = ["| policy | success % (95% CI) | mean return | format failures % | read right % | thought true % | episodes |",
-            "|---" * 7 + "|"]
+    rows = ["| policy | success % (95% CI) | mean return | format failures % | read right % | thought true % "
+            "| episodes |", "|---" * 7 + "|"]
     for name, r in results.items():
         rows.append(f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
                     f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {100 * r['read_right']:.1f} | "
