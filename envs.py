@@ -155,9 +155,8 @@ def tile(background, kind, *args):
 # ---- Environments
 
 class GymCardsEnv(gym.Env):
-    """reset = deal + picture, step = play + picture. Subclasses define deal() (a state drawn from self.np_random),
-    play(action) -> (reward, terminated, truncated), info() and sprites() -> [(x, y, kind, *args)]. Tests set a state
-    by assigning its attributes after reset(); fast simulations call deal()/play()/info() and skip the picture."""
+    """reset = deal + picture, step = play + picture; subclasses define deal() (from self.np_random), play(action) ->
+    (reward, terminated, truncated), info() and sprites(). Tests set states after reset(); simulations skip render."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
     actions: tuple[str, ...] = ()

@@ -1293,8 +1293,7 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def plot_curves(path: Path, runs: dict, title: str) -> None:
-    """Success rate against env steps, a line per run {name: (folder, the paper's % after RL or "")}, with the
-    run's warm-start level (dashed) and the paper's number (a triangle at the right edge). Pillow only."""
+    """Success against env steps, a line per run {name: (folder, the paper's % after RL or "")}; warm start dashed."""
     W, H, left, right, top, bottom = 800, 480, 60, 90, 50, 50
     img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
     d = ImageDraw.Draw(img)
@@ -1375,8 +1374,7 @@ def finished(folder: Path) -> dict:
 
 
 def run_children(runs: dict, workers: int, run_dir: Path) -> None:
-    """The runs {key: (task, folder, settings)} as `rl4vlm.py --resume FOLDER` children, `workers` at a time, a line per
-    stage, longest first (answer length x steps); a run that fails stops no other; Ctrl-C stops all."""
+    """The runs {key: (task, folder, settings)} as `rl4vlm.py --resume FOLDER` children, `workers` at a time."""
     waiting = sorted(runs, key=lambda key: -runs[key][2].max_new_tokens * runs[key][2].total_steps)
     running, failed, t0 = {}, [], time.time()  # running: key -> [child, metrics lines read, warm start told]
 
