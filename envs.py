@@ -36,10 +36,6 @@ def card_value(rank):
     return min(rank, 10)  # J, Q, K count as 10, an ace as 1
 
 
-def card_name(rank, suit):
-    return RANK_TEXT.get(rank, str(rank)) + suit
-
-
 # ---- Pictures
 
 @functools.cache
@@ -115,10 +111,9 @@ def formula_sprites(entries, top, size):
     return sprites
 
 
-# A picture is a background colour and sprites at fixed places: cards, card backs, words. Each sprite is painted once
-# into its own small tile (a bounded cache keyed by what it shows), and render() copies the tiles into a copy of the
-# blank picture: the pixels of painting every sprite onto one canvas (the tests' reference), in microseconds
-# instead of milliseconds. A cache of whole pictures would save nothing more: copying one out costs as much.
+# A picture is a background and sprites (cards, card backs, words) at fixed places. Each sprite is painted once into
+# its own tile (a bounded cache keyed by what it shows); render() copies the tiles onto the blank picture: the pixels
+# of one canvas (the tests' reference) in microseconds. Caching whole pictures would not help: copying costs as much.
 
 def paint(image, x, y, kind, *args):
     """Paint one sprite onto a PIL image, its anchor at (x, y)."""
@@ -134,15 +129,6 @@ def paint(image, x, y, kind, *args):
                                    anchor=anchor[0] if anchor else None)
 
 
-def extent(kind, *args):
-    """The box a sprite paints in, relative to its anchor: (left, top, right, bottom), right and bottom exclusive."""
-    if kind == "text":
-        text, size, fill, stroke, *anchor = args
-        return font(size).getbbox(text, stroke_width=stroke, anchor=anchor[0] if anchor else None)
-    w, h = args[-2:] if kind == "back" else args[2:4]
-    return 0, 0, w + 1, h + 1  # a rectangle's outline includes its right and bottom edge
-
-
 @functools.cache
 def blank(background):
     pixels = np.asarray(Image.new("RGB", (SIZE, SIZE), background))
@@ -153,7 +139,12 @@ def blank(background):
 @functools.lru_cache(maxsize=1024)
 def tile(background, kind, *args):
     """A sprite painted on its own over the background colour: (pixels (h, w, 3), left, top)."""
-    left, top, right, bottom = extent(kind, *args)
+    if kind == "text":  # the box it paints in, relative to its anchor; right and bottom exclusive
+        text, size, fill, stroke, *anchor = args
+        left, top, right, bottom = font(size).getbbox(text, stroke_width=stroke, anchor=anchor[0] if anchor else None)
+    else:  # a rectangle's outline includes its right and bottom edge
+        w, h = args[-2:] if kind == "back" else args[2:4]
+        left, top, right, bottom = 0, 0, w + 1, h + 1
     image = Image.new("RGB", (right - left, bottom - top), background)
     paint(image, -left, -top, kind, *args)
     pixels = np.asarray(image)
@@ -164,10 +155,8 @@ def tile(background, kind, *args):
 # ---- Environments
 
 class GymCardsEnv(gym.Env):
-    """Common frame: reset = deal + picture, step = play + picture. Subclasses define the game in deal() (a state
-    drawn from self.np_random), play(action) -> (reward, terminated, truncated), info() and sprites() -> [(x, y, kind,
-    *args)], what the picture shows. Tests set a state by assigning its attributes after reset(); fast simulations
-    call deal()/play()/info() and skip the picture."""
+    """reset = deal + picture, step = play + picture; subclasses define deal() (from self.np_random), play(action) ->
+    (reward, terminated, truncated), info() and sprites(). Tests set states after reset(); simulations skip render."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
     actions: tuple[str, ...] = ()
@@ -241,10 +230,9 @@ MAX_POWER_BITS = 1 << 16
 def formula_value(text):
     """What eval(text) gives for a formula's joined text, or None where eval fails or gives no number.
 
-    Walks the syntax tree and applies Python's own operators, so results (float rounding, int exactness, division
-    by zero) are eval's. One departure: eval hangs on 10**10**10, so an integer power above 2**MAX_POWER_BITS is None.
-    Such a power takes three of the at most four numbers (base 10 needs an exponent over 19,000), and no operation
-    with the one number left brings it back to exactly 12 or 24, so no reward changes."""
+    Python's own operators over the syntax tree, so results (float rounding, int exactness, division by zero) are
+    eval's, but an integer power above 2**MAX_POWER_BITS is None (eval would hang): it takes three of the at most four
+    numbers (base 10 needs an exponent over 19,000), and no operation with the one left brings it back to 12 or 24."""
     try:
         tree = ast.parse(text.lstrip(" "), mode="eval")  # eval drops leading blanks, ast.parse would not
     except SyntaxError:
@@ -297,7 +285,7 @@ class PointsEnv(GymCardsEnv):
         return 0.0, False, False
 
     def info(self):
-        return {"Cards": [card_name(r, s) for r, s in zip(self.ranks, self.suits)],
+        return {"Cards": [RANK_TEXT.get(r, str(r)) + s for r, s in zip(self.ranks, self.suits)],
                 "Numbers": self.numbers, "Formula": list(self.formula)}
 
     def sprites(self):
@@ -400,9 +388,8 @@ def splits(numbers):
 
 
 def write(op, left, pa, right, pb):
-    """The entries of `left op right`, with just the parentheses that make Python parse this very tree.
-    A right operand of equal precedence keeps its parentheses: a-(b-c), and a+(b+c) too, since float
-    sums depend on the order they are taken in."""
+    """The entries of `left op right`, with just the parentheses that make Python parse this very tree. A right
+    operand of equal precedence keeps its parentheses: a-(b-c), and a+(b+c) too (float sums depend on the order)."""
     p = PRECEDENCE[op]
     return (*(left if pa >= p else ("(", *left, ")")), op, *(right if pb > p else ("(", *right, ")")))
 
@@ -410,11 +397,10 @@ def write(op, left, pa, right, pb):
 def joins(numbers, ops):
     """(value, left, pa, op, right, pb) for each way to join two expressions over a split of `numbers`."""
     for left_numbers, right_numbers in splits(numbers):
-        for a, left, pa in expressions(left_numbers, ops):
-            for b, right, pb in expressions(right_numbers, ops):
-                for op in ops:
-                    if not (op == "/" and b == 0):
-                        yield APPLY[op](a, b), left, pa, op, right, pb
+        pairs = product(expressions(left_numbers, ops), expressions(right_numbers, ops), ops)
+        for (a, left, pa), (b, right, pb), op in pairs:
+            if not (op == "/" and b == 0):
+                yield APPLY[op](a, b), left, pa, op, right, pb
 
 
 @functools.cache
@@ -445,10 +431,8 @@ def points_plan(actions, target, info):
     """The first solution (a tuple of entries) that continues the formula so far, or None if none does."""
     ops = "".join(a for a in actions if a in PRECEDENCE)
     formula = tuple(info["Formula"])
-    for entries in solutions(tuple(sorted(info["Numbers"])), target, ops):
-        if entries[:len(formula)] == formula and all(e in actions for e in entries):
-            return entries
-    return None
+    plans = solutions(tuple(sorted(info["Numbers"])), target, ops)
+    return next((p for p in plans if p[:len(formula)] == formula and all(e in actions for e in p)), None)
 
 
 def points_expert(actions, target, info):
@@ -497,8 +481,7 @@ def best_play(total, usable, up):
 
 @functools.cache
 def blackjack_optimum():
-    """(policy {(player total, usable ace, dealer up card): action}, expected return, win probability)
-    of the return-maximising fixed policy, by dynamic programming over the infinite deck."""
+    """(policy {(total, usable ace, dealer up card): action}, expected return, win rate) of the best fixed policy."""
     policy = {(t, u, up): best_play(t, u, up)[2]
               for t in range(4, 22) for u in (0, 1) if t >= 12 or not u for up in range(1, 11)}
     deals = [(add_card(*add_card(0, 0, a), b), up) for a, b, up in product(DECK, repeat=3)]

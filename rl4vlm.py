@@ -15,6 +15,7 @@ The sections below follow a run. Where this departs from the paper (the README s
 from __future__ import annotations
 
 import argparse
+import bisect
 import copy
 import fcntl
 import hashlib
@@ -244,8 +245,7 @@ def torch_seeded(seed: int):
 
 
 class EnvPool:
-    """num_envs copies of one task; each episode takes the stream's next seed, whichever env plays it (not gymnasium's
-    vector envs: they seed each env once)."""
+    """num_envs copies of one task, each episode on the stream's next seed (gymnasium's vector envs seed each once)."""
 
     def __init__(self, env_id: str, num_envs: int, seeds: range):
         # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
@@ -264,10 +264,9 @@ class EnvPool:
 
     def step(self, i: int, action: int):
         """Step env i (reset at an episode's end): reward, terminated, truncated, (final obs, info, return) or None."""
-        obs, reward, terminated, truncated, info = self.envs[i].step(action)
+        self.obs[i], reward, terminated, truncated, self.infos[i] = self.envs[i].step(action)
         self.returns[i] += reward
-        self.obs[i], self.infos[i] = obs, info
-        ended = (obs, info, self.returns[i]) if terminated or truncated else None
+        ended = (self.obs[i], self.infos[i], self.returns[i]) if terminated or truncated else None
         if ended:
             self.reset(i)
         return reward, terminated, truncated, ended
@@ -398,8 +397,7 @@ def load_policy(path: str, device: str, dtype: str = "float32", grad_checkpointi
 
 
 def float32_logits(head, args, out):
-    """A forward hook on a half-precision model's LM head: its logits again in float32, for sampling and the loss
-    alike (bf16 would round a logit near 20 by 0.125, 0.625 nats at temperature 0.2)."""
+    """LM-head hook: the logits in float32 (bf16 rounds a logit near 20 by 0.125, 0.625 nats at temperature 0.2)."""
     return F.linear(args[0].float(), head.weight.float(), None if head.bias is None else head.bias.float())
 
 
@@ -408,9 +406,8 @@ def float32_logits(head, args, out):
 def encode_prompt(processor, image, prompt: str, device) -> dict:
     """A chat-formatted prompt with its image inputs, batch dim 1: any model's image inputs stay per sample."""
     bos = processor.tokenizer.bos_token
-    chat = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-        add_generation_prompt=True, tokenize=False)
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    chat = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     # a template that writes BOS itself gets no second one from the tokenizer (as in transformers)
     enc = processor(images=[Image.fromarray(image)], text=[chat], return_tensors="pt",
                     add_special_tokens=not (bos and chat.startswith(bos)))
@@ -449,8 +446,7 @@ def encode_prompts(processor, images, prompts: list[str], device) -> list[dict]:
 
 
 def pad_prompts(rows: list[dict], pad_id: int) -> dict:
-    """Per-sample prompts -> one batch: tensors shaped like input_ids (1, P) padded on the left (input_ids with
-    pad_id, the rest with 0), the others (pixels, grids) concatenated, dim 1 (crops, patches) zero-padded at the end."""
+    """Per-sample prompts -> one batch: (1, P) tensors padded on the left, the others (pixels, grids) at the end."""
     batch = {}
     for key in rows[0]:
         xs = [r[key] for r in rows]
@@ -485,8 +481,7 @@ def sampling_logits(logits, temperature: float, suppress: list[int]):
 
 
 class SamplingRecord:
-    """generate's logits processor: each step's logits become the sampling distribution's (sampling_logits); per
-    step it keeps the entropy and, once drawn, the token's log-prob, (B,) each: no (B, G, V) stack of logits."""
+    """generate's logits processor: sampling_logits, keeping only each step's entropy and drawn token's logp (B,)."""
 
     def __init__(self, temperature: float, suppress: list[int]):
         self.temperature, self.suppress, self.logp, self.logprobs, self.entropies = temperature, suppress, None, [], []
@@ -504,8 +499,7 @@ class SamplingRecord:
 
 
 def position_ids(model, ids, mask, extra: dict):
-    """The position ids generate() gives a left-padded batch (3-D for Qwen2-VL): the one private transformers call,
-    as no public route exists; test_position_ids_count_from_the_first_real_token and the family tests guard it."""
+    """generate()'s position ids of a left-padded batch (3-D for Qwen2-VL): the one private call (none is public)."""
     return model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
 
 
@@ -554,18 +548,11 @@ def logprobs_and_values(policy: Policy, prompt: dict, gen_ids, gen_mask):
 
 
 def action_start(tokenizer, gen_ids: list[int], span) -> int:
-    """The first action token, holding the action value's first character (span: parse.py's; None: all thought),
-    found by bisection over the lengths of decoded prefixes (they only grow), never from token ids."""
+    """The first token whose decoded prefix reaches the action value (span: parse.py's; None: all thought)."""
     if span is None:
         return len(gen_ids)
-    lo, hi = 0, len(gen_ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(tokenizer.decode(gen_ids[:mid + 1], skip_special_tokens=True)) > span[0]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    past_start = lambda k: len(tokenizer.decode(gen_ids[:k + 1], skip_special_tokens=True)) > span[0]
+    return bisect.bisect_left(range(len(gen_ids)), True, key=past_start)
 
 
 @dataclass
@@ -774,8 +761,8 @@ def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
     """The assistant turn the chat template writes after the generation prompt, through the first stop token."""
     user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     head = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-                                         tokenize=False)
+    reply = [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    full = processor.apply_chat_template(user + reply, tokenize=False)
     if not full.startswith(head):
         raise ValueError("the chat template's assistant turn does not extend its generation prompt")
     turn = full[len(head):]  # cut after the first stop token, as generation stops there
@@ -871,8 +858,7 @@ def diagnostics(samples: list[Sample], action_names) -> dict:
     thought = torch.cat([x.entropy[:x.n_thought] for x in samples])
     action = torch.cat([x.entropy[x.n_thought:] for x in samples])
     played = np.bincount([x.action for x in samples], minlength=len(action_names)) / len(samples)
-    return dict(thought_entropy=float(thought.mean()) if len(thought) else math.nan,
-                action_entropy=float(action.mean()) if len(action) else math.nan,
+    return dict(thought_entropy=float(thought.mean()), action_entropy=float(action.mean()),  # nan if none
                 distinct_thoughts=len({x.thought for x in samples}) / len(samples),
                 action_share={name: round(float(p), 4) for name, p in zip(action_names, played)})
 
@@ -1131,6 +1117,7 @@ def all_sum(tensors: list) -> None:
 def write_atomically(path: Path, write) -> None:
     """write(tmp) beside `path`, fsync, rename to `path`, fsync the folder: after a crash, old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a crash
     tmp.unlink(missing_ok=True)  # or a file
     write(tmp)
@@ -1188,8 +1175,7 @@ def damaged(path: Path, advice: str):
 
 
 def restore_checkpoint(run_dir: Path, policy: Policy, scheduler, pool: EnvPool, rng) -> tuple[int, dict, list[str]]:
-    """Put the latest checkpoint back (weights, optimizer, envs, generators); every file is read and checked before
-    the run folder is written to. Returns its update, results.json and the metrics lines up to it."""
+    """The latest checkpoint put back, every file checked before any is written: (update, results, metrics lines)."""
     latest, (rank, world) = run_dir / "latest", rank_and_world()
     name = latest.read_text().strip() if latest.is_file() else ""
     earlier = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.name < name)
@@ -1230,7 +1216,6 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     resuming = (run_dir / "latest").exists() or any(run_dir.glob("checkpoint-*"))
     if is_main and not resuming:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -1258,11 +1243,9 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     pool = EnvPool(task.env_id, s.num_envs // world, seeds)
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
-    start, results, lines = 1, {}, []
+    done, results, lines = restore_checkpoint(run_dir, policy, scheduler, pool, rng) if resuming else (0, {}, [])
     if resuming:
-        update, results, lines = restore_checkpoint(run_dir, policy, scheduler, pool, rng)
-        start = update + 1
-        log(f"resuming {run_dir} after update {update}")
+        log(f"resuming {run_dir} after update {done}")
     if is_main:
         write_text(metrics_path, "".join(line + "\n" for line in lines))
     if "warm_start" not in results:
@@ -1271,7 +1254,7 @@ def run(s: Settings, task, run_dir: Path) -> dict:
         if is_main:
             write_text(results_path, json.dumps(results, indent=1))
 
-    for update in range(start, num_updates + 1):
+    for update in range(done + 1, num_updates + 1):
         t0 = time.time()
         batch = rollout(policy, task, pool, s.num_steps, s.format_penalty, rng)
         rollout_seconds = time.time() - t0
@@ -1326,8 +1309,7 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def plot_curves(path: Path, runs: dict, title: str) -> None:
-    """Success rate against env steps, a line per run {name: (folder, the paper's % after RL or "")}, with the
-    run's warm-start level (dashed) and the paper's number (a triangle at the right edge). Pillow only."""
+    """Success against env steps, a line per run {name: (folder, the paper's % after RL or "")}; warm start dashed."""
     W, H, left, right, top, bottom = 800, 480, 60, 90, 50, 50
     img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
     d = ImageDraw.Draw(img)
@@ -1347,10 +1329,9 @@ def plot_curves(path: Path, runs: dict, title: str) -> None:
            fill="black", font=font, anchor="mm")
     legend = left + d.textlength(title + ": success rate     ", font=font)
     d.text((left, 14), f"{title}: success rate", fill="black", font=font)
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    for k, (name, (folder, paper)) in enumerate(runs.items()):
-        colour = colours[k % len(colours)]
-        warm = Y(json.loads((folder / "results.json").read_text())["warm_start"]["success"])
+    colours = itertools.cycle(["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"])
+    for (name, (folder, paper)), colour in zip(runs.items(), colours):
+        warm = Y(finished(folder)["warm_start"]["success"])
         for dash in range(left, round(X(xmax)) - 5, 12):
             d.line([(dash, warm), (dash + 6, warm)], fill=colour)
         points = [(X(x), Y(y)) for x, y in curves[name] if not math.isnan(y)]
@@ -1368,9 +1349,7 @@ def plot_curves(path: Path, runs: dict, title: str) -> None:
 # ---- Several runs (tasks, seeds, ablation variants), their tables, and the command line
 
 def run_many(s: Settings, tasks, run_dir: Path) -> dict:
-    """Each seed, task and variant in run_dir/seed<n>/<task>[-<variant>] (a finished run is read, another resumed),
-    `workers` at a time as child processes, or one after another in this one; then each seed's curves and the
-    tables (results.md and results.csv, or ablations.md)."""
+    """Each seed, task and variant in run_dir/seed<n>/<task>[-<variant>] (run, resumed or read), then curves, tables."""
     seeds, variants = s.seeds or [s.seed], ABLATIONS[s.ablations]
     runs = {}  # (task name, variant, seed) -> (task, folder, the run's settings)
     for seed, task, (name, change) in itertools.product(seeds, tasks, variants.items()):
@@ -1387,12 +1366,12 @@ def run_many(s: Settings, tasks, run_dir: Path) -> dict:
     if rank_and_world()[0] > 0:
         return results
     for seed in seeds:
-        plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", {f"{t.name} {name}".strip(): (
-            runs[t.name, name, seed][1], t.paper[PAPER[name]] if name in PAPER else "") for t in tasks
-            for name in variants}, f"seed {seed}")
+        curves = {f"{t.name} {name}".strip(): (runs[t.name, name, seed][1], t.paper.get(PAPER.get(name), ""))
+                  for t in tasks for name in variants}
+        plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", curves, f"seed {seed}")
     if s.ablations:
         rows = [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds],
-                 t.paper[PAPER[name]] if stage == "rl" and name in PAPER else "")
+                 t.paper.get(PAPER.get(name), "") if stage == "rl" else "")
                 for t in tasks for name in variants
                 for stage, label in (("warm_start", "warm start"), ("rl", "after RL"))]
         md = "\n".join(["Success % (paper: after RL)", ""] + seed_rows(rows, seeds))
@@ -1411,9 +1390,7 @@ def finished(folder: Path) -> dict:
 
 
 def run_children(runs: dict, workers: int, run_dir: Path) -> None:
-    """The runs {(task, variant, seed): (task, folder, settings)} as child processes, `workers` at a time, longest
-    first (the answer length bounds a run's time): each is `python rl4vlm.py --resume FOLDER`, its output in
-    FOLDER/log.txt. A line as each reaches a stage; a run that fails does not stop the others; Ctrl-C stops all."""
+    """The runs {key: (task, folder, settings)} as `rl4vlm.py --resume FOLDER` children, `workers` at a time."""
     waiting = sorted(runs, key=lambda key: -runs[key][2].max_new_tokens * runs[key][2].total_steps)
     running, failed, t0 = {}, [], time.time()  # running: key -> [child, metrics lines read, warm start told]
 
@@ -1427,7 +1404,6 @@ def run_children(runs: dict, workers: int, run_dir: Path) -> None:
                 key = waiting.pop(0)
                 _, folder, settings = runs[key]
                 if not (folder / "settings.json").exists():
-                    folder.mkdir(parents=True, exist_ok=True)
                     write_text(folder / "settings.json", json.dumps(asdict(settings), indent=1))
                 with open(folder / "log.txt", "a") as out:  # a session of its own: Ctrl-C reaches it through us
                     child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--resume", str(folder)],
@@ -1549,7 +1525,6 @@ def main(argv=None) -> dict:
         if len(tasks) == 1 and not s.seeds and not s.ablations:
             return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir)
         if rank_and_world()[0] == 0:  # several runs: run_dir/seed<n>/<task>, tables over them
-            run_dir.mkdir(parents=True, exist_ok=True)
             write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
         return run_many(s, tasks, run_dir)
     except KeyboardInterrupt:
