@@ -594,7 +594,7 @@ TASKS = {task.env_id: task for task in (
          defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=400, sft_expert=0.0),
          paper=dict(rl=89.4, no_cot=26.9, sft=24.8)),
     points_task("gym_cards/EZPoints-v0", EZPointsEnv, "both card values", "", "<value>, <value>",
-                dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600, sft_expert=0.2),
+                dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=1200, sft_expert=0.7),
                 paper=dict(rl=50.0, no_cot=29.9, sft=23.0)),
     points_task("gym_cards/Points24-v0", Points24Env, "all four card values", ", an ace 1", "<4 values>",
                 dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_expert=0.5),
