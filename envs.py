@@ -82,15 +82,6 @@ def draw_card(image, box, rank, suit, rank_size):
     image.paste(color, (centre_x - glyphs.width // 2, centre_y - glyphs.height // 2), glyphs)
 
 
-def draw_card_back(d, box):
-    x0, y0, x1, y1 = box
-    d.rounded_rectangle(box, radius=6, fill=(30, 60, 140), outline="white", width=2)
-    for x in range(x0 + 8, x1 - 4, 8):  # a checked pattern tells the back from a face
-        d.line([(x, y0 + 6), (x, y1 - 6)], fill=(150, 170, 230))
-    for y in range(y0 + 8, y1 - 4, 8):
-        d.line([(x0 + 6, y), (x1 - 6, y)], fill=(150, 170, 230))
-
-
 @functools.cache
 def advance(text, size):
     return font(size).getlength(text)
@@ -122,7 +113,12 @@ def paint(image, x, y, kind, *args):
         draw_card(image, (x, y, x + w, y + h), rank, suit, rank_size)
     elif kind == "back":
         w, h = args
-        draw_card_back(ImageDraw.Draw(image), (x, y, x + w, y + h))
+        d = ImageDraw.Draw(image)
+        d.rounded_rectangle((x, y, x + w, y + h), radius=6, fill=(30, 60, 140), outline="white", width=2)
+        for line_x in range(x + 8, x + w - 4, 8):  # a checked pattern tells the back from a face
+            d.line([(line_x, y + 6), (line_x, y + h - 6)], fill=(150, 170, 230))
+        for line_y in range(y + 8, y + h - 4, 8):
+            d.line([(x + 6, line_y), (x + w - 6, line_y)], fill=(150, 170, 230))
     else:
         text, size, fill, stroke, *anchor = args
         ImageDraw.Draw(image).text((x, y), text, fill=fill, font=font(size), stroke_width=stroke, stroke_fill=fill,
@@ -563,10 +559,6 @@ def points_thought(actions, target, info):
     return f"plan: {' '.join(plan)}, to write: {' '.join(plan[len(info['Formula']):] or ('=',))}"
 
 
-def blackjack_read(info):
-    return {"dealer": info["Dealer"][0], "player": hand_total(info["Player"])[0]}
-
-
 def blackjack_thought(info):
     total, usable = hand_total(info["Player"])
     return f"{'soft' if usable else 'hard'} {total} against {info['Dealer'][0]}"
@@ -587,8 +579,7 @@ def points_task(env_id, env_class, cards, ace, read_cards, defaults, **more):
 TASKS = {task.env_id: task for task in (
     Task("gym_cards/NumberLine-v0", NumberLineEnv, "Move the current number to the target number.",
          read_spec='"current": <number>, "target": <number>',
-         read=lambda info: {"current": info["Current"], "target": info["Target"]},
-         thought=number_line_thought,
+         read=lambda info: {"current": info["Current"], "target": info["Target"]}, thought=number_line_thought,
          labels=lambda info: [info["Current"], info["Target"]], label_classes=(6, 6),
          expert=lambda info: None if info["Current"] == info["Target"] else int(info["Target"] > info["Current"]),
          defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=400, sft_expert=0.0),
@@ -601,9 +592,9 @@ TASKS = {task.env_id: task for task in (
                 paper=dict(rl=2.3, no_cot=0.0, sft=2.6), solvable=lambda info: points24_solvable(info["Numbers"])),
     Task("gym_cards/Blackjack-v0", BlackjackEnv,
          "Get closer to 21 than the dealer without going over; J, Q, K count as 10, an ace 1 or 11.",
-         read_spec='"dealer": <face-up card value>, "player": <your total>', read=blackjack_read,
-         thought=blackjack_thought,
-         labels=lambda info: [info["Dealer"][0] - 1, hand_total(info["Player"])[0], hand_total(info["Player"])[1]],
+         read_spec='"dealer": <face-up card value>, "player": <your total>', thought=blackjack_thought,
+         read=lambda info: {"dealer": info["Dealer"][0], "player": hand_total(info["Player"])[0]},
+         labels=lambda info: [info["Dealer"][0] - 1, *hand_total(info["Player"])],
          label_classes=(10, 32, 2), expert=blackjack_expert,
          defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=600, sft_expert=0.0),
          paper=dict(rl=40.2, no_cot=40.4, sft=23.1)),

@@ -109,14 +109,13 @@ def lora_modules(model):
 @contextmanager
 def lora_off(model):
     """The base model for a block: every adapter's update scaled by 0."""
-    modules = [m for _, m in lora_modules(model)]
-    scalings = [m.scaling for m in modules]
-    for m in modules:
+    scalings = {m: m.scaling for _, m in lora_modules(model)}
+    for m in scalings:
         m.scaling = 0.0
     try:
         yield
     finally:
-        for m, scaling in zip(modules, scalings):
+        for m, scaling in scalings.items():
             m.scaling = scaling
 
 

@@ -517,9 +517,8 @@ def first_pass_state(model, position: int):
 
 
 def forward(model, prompt: dict, gen_ids, gen_mask, temperature: float = 1.0, suppress=()):
-    """One pass over prompt (left-padded processor output, input_ids (B, P)) + answers (gen_ids, gen_mask (B, G)).
-    Returns log p of each answer token (B, G) under the sampling distribution (0 at padding), the last prompt
-    token's last-layer state (B, H) (the value head's input) and the output."""
+    """One pass over left-padded prompts (B, P) + answers (B, G) -> log p of each answer token under the sampling
+    distribution (B, G) (0 at padding), the last prompt token's last-layer state (B, H) and the model's output."""
     (B, P), G = prompt["input_ids"].shape, gen_ids.shape[1]
     ids = torch.cat([prompt["input_ids"], gen_ids], 1)                       # (B, P+G)
     mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
@@ -636,10 +635,9 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
     if s.sft_steps > 0:
         full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
         aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
-        seeds = stream("warm_start", s.seed)
         key = {k: getattr(s, k) for k in ("model", "cot", "sft_steps", "sft_batch", "sft_lr", "sft_expert",
                                           "sft_follow", "seed", "max_grad_norm", "dtype", "temperature")}
-        key.update(env=task.env_id, aux=aux, texts=TEXTS, episodes=seeds.start,
+        key.update(env=task.env_id, aux=aux, texts=TEXTS, episodes=stream("warm_start", s.seed).start,
                    sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
                    lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision])
         folder = Path(s.cache_dir) / f"sft-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
@@ -648,9 +646,8 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
                 warm_start_into(folder, path, s, task, key, log)
         log(f"warm-started model: {folder}")
         path = str(folder)
-    policy = load_policy(path, s.device, s.dtype, s.grad_checkpointing)
-    return replace(policy, cot=s.cot, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                   thought_coef=s.thought_coef)
+    return replace(load_policy(path, s.device, s.dtype, s.grad_checkpointing), cot=s.cot, temperature=s.temperature,
+                   max_new_tokens=s.max_new_tokens, thought_coef=s.thought_coef)
 
 
 def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) -> None:
@@ -674,9 +671,8 @@ def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) 
 
 
 def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
-    """Supervised answers (envs.py's for states of play, or an --sft-data file's) for whatever requires grad. With
-    `aux`, linear heads read the state's labels off the image features (a VLM from scratch does not learn to read
-    its picture from the language loss alone) and off the last prompt token's state, the value head's input."""
+    """Supervised answers (envs.py's or an --sft-data file's) for whatever requires grad. With `aux`, linear heads read
+    the state's labels off the image features and the value head's input: a VLM from scratch needs the help."""
     batches = file_batches(s.sft_data, s.sft_batch, rng) if s.sft_data else states_batches(task, s, rng)
     first = next(batches)
     heads = perception_heads(policy, task, first) if aux else {}
@@ -702,8 +698,7 @@ def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
 
 
 def states_batches(task, s: Settings, rng):
-    """Batches of (pictures, prompts, answers, labels) from play that follows the expert with probability sft_follow;
-    thoughts are true (Points: the expert's plan), actions the expert's with probability sft_expert."""
+    """Batches of (pictures, prompts, answers, labels) of play (sft_follow), true thoughts and actions (sft_expert)."""
     pool = EnvPool(task.env_id, s.sft_batch, stream("warm_start", s.seed))
     while True:
         infos = list(pool.infos)
@@ -864,10 +859,7 @@ def diagnostics(samples: list[Sample], action_names) -> dict:
 
 
 def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, returns, s: Settings, rng) -> dict:
-    """update_epochs passes over the batch in shuffled minibatches; advantages, returns (num_steps, num_envs here).
-    The trust region: after each step the minibatch's approx_kl is measured again; a step that takes it past
-    target_kl is undone (weights and optimizer state) and tried again at half the length, up to `backtrack` times,
-    then the update ends, as it does at a minibatch already past it. With kl_coef, a penalty toward the warm start.
+    """update_epochs passes over the batch in shuffled minibatches, each step in a trust region, with a KL penalty.
     Under torchrun the batch is global (rank r holds samples r * n .. r * n + n - 1): every rank follows rank 0's
     order, normalises over the whole minibatch and sums gradients, so each takes the step one process would."""
     rank, world = rank_and_world()
@@ -880,8 +872,7 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
     minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, world * n, s.minibatch_size)]
 
     def minibatch_pass(k: int, mb, mb_advantages, backward: bool) -> dict:
-        """The loss over minibatch mb, micro-batch by micro-batch (gradients summed if `backward`); its statistics
-        over every rank."""
+        """The loss over mb, micro-batch by micro-batch (gradients summed if `backward`); statistics over every rank."""
         mine = np.flatnonzero(mb // n == rank)  # the places in mb of this rank's samples
         keys = ["policy_loss", "value_loss", "approx_kl", "clipfrac"] + (["warm_kl"] if s.kl_coef else [])
         totals = dict.fromkeys(keys, 0.0)
@@ -931,7 +922,7 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             all_sum([p.grad for p in params])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
-        before = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+        saved_params, saved_state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
         for _ in range(s.backtrack + 1):
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr * scale
@@ -939,12 +930,11 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
             kl = minibatch_pass(k, mb, mb_advantages, backward=False)["approx_kl"]  # the policy now, the same samples
             if not s.target_kl or kl <= s.target_kl:
                 break
-            # the trust region: the step is undone, then tried again at half the length (AdamW's step is lr times
-            # one direction from one state), up to `backtrack` times, the rest of the update at that length
-            with torch.no_grad():
-                for p, saved in zip(params, before[0]):
-                    p.copy_(saved)
-            optimizer.load_state_dict(copy.deepcopy(before[1]))  # loading adopts the tensors, steps change them
+            # the trust region: undo the step (weights and optimizer state), try it at half the length (AdamW's step
+            # is lr times one direction from one state), up to `backtrack` times; the rest of the update at that length
+            for p, saved in zip(params, saved_params):
+                p.data.copy_(saved)
+            optimizer.load_state_dict(copy.deepcopy(saved_state))  # loading adopts the tensors, steps change them
             undone, scale = undone + 1, scale / 2
         if s.target_kl and kl > s.target_kl:  # still past it: the update ends
             break
@@ -953,12 +943,11 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     policy.model.eval()
-    out = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
-    out.update(approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(step_kls), undone_steps=undone,
-               step_kl_max=max(step_kls, default=0.0), step_kls=step_kls,
-               grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
-               explained_variance=ppo.explained_variance(b_values, b_returns))
-    return out
+    return dict({k: float(np.mean([m[k] for m in measured])) for k in measured[0]},
+                approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(step_kls), undone_steps=undone,
+                step_kl_max=max(step_kls, default=0.0), step_kls=step_kls,
+                grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
+                explained_variance=ppo.explained_variance(b_values, b_returns))
 
 
 def update_mode(model) -> None:
@@ -976,8 +965,7 @@ SHOWN = 4  # episodes on a page: the evaluation's first deals, whatever their ou
 
 @torch.no_grad()
 def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | None = None) -> dict:
-    """eval_episodes held-out deals sampled as in training, on forked generators (rank r of N plays r, r + N, ...);
-    with `page`, the first SHOWN episodes are written there."""
+    """eval_episodes held-out deals sampled as in training, on forked generators (rank r of N plays r, r + N, ...)."""
     rank, world = rank_and_world()
     deals = stream("eval", s.seed)
     seeds, n = deals[rank::world], len(range(rank, s.eval_episodes, world))
@@ -1141,8 +1129,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, update: int, policy: Policy, scheduler, pool: EnvPool, rng, keep: int) -> None:
-    """What RL changes: the adapter (PEFT's format), state.pt (tensors: value head, the scheduler and its optimizer,
-    torch generators) and envs.json (envs, numpy generators), of every rank; rank 0 writes; the newest `keep` stay."""
+    """What RL changes, every rank's: adapter (PEFT's format), state.pt (tensors), envs.json; the newest `keep` stay."""
     torch_rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [])
     ranks = gather(dict(pool=pool.state(), rng=rng.bit_generator.state, torch_rng=torch_rng))
     if rank_and_world()[0] > 0:
@@ -1289,9 +1276,8 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     return results
 
 
-LOGGED = ("success", "episodes", "mean_return", "format_fail", "read_right", "thought_right", "step_kl_max", "clipfrac",
-          "optimizer_steps", "undone_steps", "explained_variance", "thought_entropy", "action_entropy",
-          "distinct_thoughts")
+LOGGED = ("success episodes mean_return format_fail read_right thought_right step_kl_max clipfrac optimizer_steps "
+          "undone_steps explained_variance thought_entropy action_entropy distinct_thoughts").split()
 
 
 def results_table(task, results: dict) -> str:
@@ -1436,20 +1422,19 @@ def label(key) -> str:
     return " ".join(filter(None, [key[0], key[1], f"seed {key[2]}"]))  # (task, variant, seed) -> "Points24 seed 1"
 
 
-def progress(folder: Path, s: Settings, seen: list) -> list[str]:
+def progress(folder: Path, s: Settings, seen: list):
     """The stages a run reached since `seen` ([child, metrics lines read, warm start told]) was updated."""
-    out, results = [], finished(folder)
+    results = finished(folder)
     if "warm_start" in results and not seen[2]:
         seen[2] = True
-        out.append(f"warm start: success {100 * results['warm_start']['success']:.1f}%")
+        yield f"warm start: success {100 * results['warm_start']['success']:.1f}%"
     lines = (folder / "metrics.jsonl").read_text().split("\n")[:-1] if (folder / "metrics.jsonl").exists() else []
     num_updates = max(1, s.total_steps // (s.num_envs * s.num_steps))
     for m in map(json.loads, lines[min(seen[1], len(lines)):]):  # a resumed run rewrites its metrics
         if m["update"] % s.checkpoint_every == 0 or m["update"] == num_updates:
-            out.append(f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "
-                       f"{m['format_fail']:.3f}, kept steps' approx_kl up to {m['step_kl_max']:.4f}")
+            yield (f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "
+                   f"{m['format_fail']:.3f}, kept steps' approx_kl up to {m['step_kl_max']:.4f}")
     seen[1] = len(lines)
-    return out
 
 
 def last_line(folder: Path) -> str:
