@@ -1146,7 +1146,7 @@ def save_checkpoint(run_dir: Path, update: int, policy: Policy, scheduler, pool:
     write_text(run_dir / "latest", folder.name)
     older = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.name < folder.name)
     newer = [p.name for p in run_dir.glob("checkpoint-*") if p.name > folder.name]  # of an abandoned future
-    for name in older[:len(older) - (keep - 1)] + newer:
+    for name in older[:max(0, len(older) - (keep - 1))] + newer:
         shutil.rmtree(run_dir / name)
 
 

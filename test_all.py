@@ -1927,6 +1927,14 @@ def check_recorded(rows, results):
         assert {k: results[stage][k] for k in recorded} == pytest.approx(recorded, rel=1e-6), stage
 
 
+@pytest.mark.parametrize("keep", [1, 2, 4])
+def test_the_newest_keep_checkpoints_stay(cache, tmp_path, keep):
+    rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "r", "--checkpoint-every",
+                        "1", "--keep-checkpoints", str(keep), "--no-episodes"])
+    names = [f"checkpoint-{k:05d}" for k in (1, 2, 3)][-keep:]  # 4 keeps all three (it deleted one before)
+    assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint-*")) == names
+
+
 def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sigkill(cache, tmp_path, monkeypatch):
     common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
     saved, save = [], rl4vlm.save_checkpoint
