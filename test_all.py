@@ -6,6 +6,7 @@ computation or an independent implementation. No test times anything: bench.py d
 from collections import Counter
 from dataclasses import fields, replace
 import copy
+import fcntl
 from itertools import combinations_with_replacement
 from pathlib import Path
 import json
@@ -2102,6 +2103,9 @@ def parallel_suite(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     args = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--env", "numberline,blackjack", "--workers", "2",
                    "--total-steps", "32"]
+    # both runs wait at the built-in model's lock, held here until the interrupt, so neither can finish first
+    lock = open(cache / f".builtin-{rl4vlm.TEXTS}-seed1.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     # SIGINT as a terminal's Ctrl-C sends it, also where the tests themselves run with it ignored (a background job)
     suite = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *args, "--run-name", "suite"], cwd=HERE,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -2113,6 +2117,7 @@ def parallel_suite(cache, tmp_path_factory):
         printed.append(line)
     suite.send_signal(signal.SIGINT)
     printed += suite.communicate(timeout=120)[0].splitlines(keepends=True)
+    lock.close()
     assert suite.returncode == 130, "".join(printed)
     left = [pid for pid, cmdline in command_lines().items() if f"--resume {out / 'suite'}" in cmdline]
     stopped = [task for task in ("NumberLine", "Blackjack") if "rl" not in rl4vlm.finished(out / "suite" / "seed1" / task)]
