@@ -2104,20 +2104,20 @@ def parallel_suite(cache, tmp_path_factory):
     args = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--env", "numberline,blackjack", "--workers", "2",
                    "--total-steps", "32"]
     # both runs wait at the built-in model's lock, held here until the interrupt, so neither can finish first
-    lock = open(cache / f".builtin-{rl4vlm.TEXTS}-seed1.lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    # SIGINT as a terminal's Ctrl-C sends it, also where the tests themselves run with it ignored (a background job)
-    suite = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *args, "--run-name", "suite"], cwd=HERE,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    printed = []
-    while sum("started" in line for line in printed) < 2:  # one line per stage: the suite ends if its output does
-        line = suite.stdout.readline()
-        assert line, "".join(printed)
-        printed.append(line)
-    suite.send_signal(signal.SIGINT)
-    printed += suite.communicate(timeout=120)[0].splitlines(keepends=True)
-    lock.close()
+    # (released however this block ends: a later test's runs take the same lock)
+    with open(cache / f".builtin-{rl4vlm.TEXTS}-seed1.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # SIGINT as a terminal's Ctrl-C sends it, also where the tests run with it ignored (a background job)
+        suite = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *args, "--run-name", "suite"], cwd=HERE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        printed = []
+        while sum("started" in line for line in printed) < 2:  # one line per stage: the suite ends if its output does
+            line = suite.stdout.readline()
+            assert line, "".join(printed)
+            printed.append(line)
+        suite.send_signal(signal.SIGINT)
+        printed += suite.communicate(timeout=120)[0].splitlines(keepends=True)
     assert suite.returncode == 130, "".join(printed)
     left = [pid for pid, cmdline in command_lines().items() if f"--resume {out / 'suite'}" in cmdline]
     stopped = [task for task in ("NumberLine", "Blackjack") if "rl" not in rl4vlm.finished(out / "suite" / "seed1" / task)]
