@@ -6,8 +6,7 @@ last prompt token's hidden state and GAE over env steps fine-tunes the VLM throu
     log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens).
 The sections below follow a run. Where this departs from the paper (the README says why):
 1. The default policy is a tiny LLaVA built here from random weights; its warm start adds a perception loss.
-2. The warm start is imperfect on purpose (--sft-expert) and fits the sampling temperature; the tiny model has its
-   own hyper-parameters.
+2. The warm start is imperfect on purpose (--sft-expert), at the sampling temperature; the tiny model's own settings.
 3. A text that names no legal action is all thought tokens: the random action played is not the model's choice.
 4. Old log-probs and values come from the sampling pass; the update has no dropout either; suppressed tokens masked.
 5. A trust region (a PPO step past --target-kl is undone, then tried shorter) and a KL penalty toward the warm start.
@@ -52,7 +51,7 @@ import ppo
 BUILTIN, SUITE, DTYPES = "builtin", "gym-cards", ("float32", "bfloat16")
 ABLATIONS = {"": {"": {}},  # --ablations: the variants each task runs in, and the settings each changes
              "cot": {"with CoT": dict(cot=True), "without CoT": dict(cot=False)},
-             "lambda": {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.2, 0.5, 1.0)}}
+             "lambda": {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.5, 1.0)}}
 PAPER = {"": "rl", "with CoT": "rl", "without CoT": "no_cot"}  # a variant's number in Task.paper
 
 
@@ -68,8 +67,7 @@ CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda 
 
 @dataclass
 class Settings:
-    env: str = _opt("gym_cards/NumberLine-v0", "task id or name (numberline, ezpoints, points24, blackjack), "
-                    "several joined by commas, or gym-cards for all four")
+    env: str = _opt("gym_cards/NumberLine-v0", "task id or name, several joined by commas, or gym-cards (all four)")
     model: str = _opt(BUILTIN, "'builtin' (a tiny LLaVA built on first use) or a Hugging Face VLM id or folder")
     seed: int = _opt(1, "seed of everything: model init, envs, sampling, minibatches")
     seeds: list = _opt((), "one run per seed (e.g. --seeds 1 2 3) in OUT_DIR/RUN_NAME/seed<n>, tables over them", int)
@@ -81,8 +79,7 @@ class Settings:
     dtype: str = _opt("float32", "model weights (LoRA, value head, logits, PPO maths: float32)", check=DTYPES)
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
     threads: int = _opt(1, "torch CPU threads (1: the same numbers on any machine, 0: torch's default)", check=">= 0")
-    workers: int = _opt(0, "runs of a suite at once, a process each (0: one per CPU core; 1: one after another)",
-                        check=">= 0")
+    workers: int = _opt(0, "runs of a suite at once, a process each (0: one per CPU core)", check=">= 0")
     dist_timeout: float = _opt(30.0, "under torchrun: minutes a rank waits for the others", check="> 0")
 
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
@@ -120,10 +117,8 @@ class Settings:
     sft_expert: float = _opt(None, "expert's share of warm-start actions (default: task's)", float, check="in [0, 1]")
     sft_follow: float = _opt(0.75, "expert's share of moves in the play of the warm start", check="in [0, 1]")
     sft_data: str = _opt("", 'warm start on a JSONL file of {"image": path, "prompt": ..., "answer": ...} lines')
-    aux_loss: str = _opt("auto", "perception loss in the warm start (auto: built-in model, no --sft-data)",
-                         check=("auto", "on", "off"))
-    ablations: str = _opt("", "instead of plain runs: cot (with and without chain of thought) or lambda "
-                          "(thought_coef 0, 0.2, 0.5, 1)", check=tuple(ABLATIONS))
+    aux_loss: str = _opt("auto", "perception loss (auto: built-in model, no --sft-data)", check=("auto", "on", "off"))
+    ablations: str = _opt("", "cot (with and without CoT) or lambda (thought_coef 0, 0.5, 1)", check=tuple(ABLATIONS))
 
     eval_episodes: int = _opt(500, "held-out episodes per evaluation", check="> 0")
     eval_envs: int = _opt(256, "environments each rank steps in parallel while evaluating", check="> 0")
@@ -572,10 +567,6 @@ class Sample:
     thought_ok: bool | None = None  # with CoT: its thought is the state's true one (Points: the expert's plan)
     warm_logprobs: torch.Tensor | None = None  # (G,) with --kl-coef: log p of each token under the warm start
 
-    @property
-    def checks(self) -> tuple:
-        return self.format_ok, self.read_ok, self.thought_ok
-
 
 @torch.no_grad()
 def act(policy: Policy, task, images, infos, rng) -> list[Sample]:
@@ -658,14 +649,13 @@ def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) 
     answers = f"answers from {s.sft_data}" if s.sft_data else f"expert's actions in {s.sft_expert:.0%} of them"
     log(f"warm start: {s.sft_steps} steps on {task.env_id}, {answers}"
         + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
-    t0, seed = time.time(), key["episodes"]
-    with torch_seeded(seed):
+    with torch_seeded(key["episodes"]):
         if not full:
             add_lora(policy.model, s)
-        stats = warm_start(policy, task, s, aux, np.random.default_rng(seed), log)
+        stats = warm_start(policy, task, s, aux, np.random.default_rng(key["episodes"]), log)
         if not full:
             ppo.merge_lora(policy.model)
-    info = json.dumps(dict(key, **stats, seconds=round(time.time() - t0, 1)), indent=1)
+    info = json.dumps(dict(key, **stats), indent=1)
     write_atomically(folder, lambda tmp: (policy.model.save_pretrained(tmp), policy.processor.save_pretrained(tmp),
                                           (tmp / "warm_start.json").write_text(info)))
 
@@ -694,7 +684,7 @@ def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
             log(f"warm start {step}/{s.sft_steps}  " + "".join(f"{k} {v:.3f}  " for k, v in stats.items())
                 + f"{rate:.1f} steps/s  eta {(s.sft_steps - step) / rate:.0f}s")
     policy.model.eval()
-    return dict(step=step, **stats)
+    return dict(step=step, **stats, seconds=round(time.time() - t0, 1))
 
 
 def states_batches(task, s: Settings, rng):
@@ -836,14 +826,14 @@ def rollout(policy: Policy, task, pool: EnvPool, num_steps: int, format_penalty:
     stats = dict(episodes=len(episode_returns),
                  success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
                  mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
-                 **answer_shares([x.checks for x in every]), **diagnostics(every, task.actions),
+                 **answer_shares(every), **diagnostics(every, task.actions),
                  answer=every[0].text)  # one answer of the batch, to see the thoughts change
     return Rollout(samples, rewards, values, next_values, terminated, truncated, stats)
 
 
-def answer_shares(checks: list[tuple]) -> dict:
+def answer_shares(samples: list[Sample]) -> dict:
     """Shares of answers naming no legal action and, with CoT, reading the state right and thinking the true thought."""
-    ok, read, thought = np.array(checks, dtype=float).T  # None (no CoT) -> nan
+    ok, read, thought = np.array([(x.format_ok, x.read_ok, x.thought_ok) for x in samples], dtype=float).T  # None: nan
     return dict(format_fail=1 - ok.mean(), read_right=read.mean(), thought_right=thought.mean())
 
 
@@ -951,8 +941,7 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
 
 
 def update_mode(model) -> None:
-    """The update's forward as sampling's: eval mode (no dropout, LoRA's neither), except in layers that checkpoint
-    their activations, as transformers does only in train mode (their sublayers stay in eval mode)."""
+    """Eval mode as in sampling (no dropout), but train mode on layers that checkpoint (transformers does only then)."""
     model.eval()
     for m in model.modules():
         if getattr(m, "gradient_checkpointing", False):
@@ -971,14 +960,14 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | No
     seeds, n = deals[rank::world], len(range(rank, s.eval_episodes, world))
     pool = EnvPool(task.env_id, min(s.eval_envs, n), seeds)
     active, shown = [True] * len(pool.envs), {}  # episode -> its steps
-    returns, checks, t0 = [], [], time.time()
+    returns, answers, t0 = [], [], time.time()
     last_log, rng = t0, np.random.default_rng(seeds.start)
     with torch_seeded(seeds.start):
         while any(active):
             idx = [i for i in range(len(active)) if active[i]]
             samples = act(policy, task, [pool.obs[i] for i in idx], [pool.infos[i] for i in idx], rng)
             for i, x in zip(idx, samples):
-                checks.append(x.checks)
+                answers.append(replace(x, prompt={}))  # the prompt stays here, the rest goes to rank 0
                 episode, picture = pool.episode[i], pool.obs[i]
                 reward, _, _, ended = pool.step(i, x.action)
                 if page and rank == 0 and episode < SHOWN:
@@ -991,16 +980,15 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | No
                 log(f"evaluating {label}: {len(returns)}/{n} episodes, {time.time() - t0:.0f}s")
     if shown:
         write_episodes(page, task, label, {seeds[k]: steps for k, steps in sorted(shown.items())}, policy.processor)
-    returns, checks = (sum(parts, []) for parts in zip(*gather((returns, checks))))
+    returns, answers = (sum(parts, []) for parts in zip(*gather((returns, answers))))
     n = s.eval_episodes
     wins = sum(envs.is_success(r) for r in returns)
     low, high = wilson(wins, n)
     result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
-                  **answer_shares(checks), seconds=round(time.time() - t0, 1))
+                  **answer_shares(answers), seconds=round(time.time() - t0, 1))
     result["expert_match"] = expert_match(policy, task, deals, min(200, n), s.eval_envs)
     log(f"{label}: success {result['success']:.3f}, answers read right {result['read_right']:.3f}, thoughts true "
-        f"{result['thought_right']:.3f}, greedy action = expert's on {result['expert_match']:.3f} of held-out states "
-        "along the expert's path")
+        f"{result['thought_right']:.3f}, greedy action = expert's on {result['expert_match']:.3f} of on-path states")
     if task.solvable:  # the share of the evaluated deals that can be won at all
         env = gym.make(task.env_id)
         result["solvable"] = float(np.mean([task.solvable(env.reset(seed=deals[k])[1]) for k in range(n)]))
@@ -1071,7 +1059,10 @@ def model_input(processor, prompt: dict):
 
 def init_distributed(s: Settings) -> Settings:
     """Join torchrun's group: NCCL on CUDA (cuda:LOCAL_RANK), gloo on CPU. In one process, what follows does nothing."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if s.num_envs % world or s.minibatch_size % world:
+        fail(f"--num-envs and --minibatch-size are global: they must be multiples of the {world} ranks")
+    if world == 1 or dist.is_initialized():
         return s
     if s.device.startswith("cuda"):
         s = replace(s, device=f"cuda:{os.environ['LOCAL_RANK']}")
@@ -1270,24 +1261,18 @@ def run(s: Settings, task, run_dir: Path) -> dict:
         write_text(results_path, json.dumps(results, indent=1))
         paper = task.paper["rl" if s.cot else "no_cot"]
         plot_curves(run_dir / "curve.png", {task.env_id: (run_dir, paper)}, task.env_id)
-        table = results_table(task, results)
-        write_text(run_dir / "results.md", table + "\n")
-        log(table)
+        rows = [task.env_id, "| policy | success % (95% CI) | mean return | format failures % | answers read right % | "
+                "thoughts true % | episodes |", "|---" * 7 + "|"]
+        rows += [f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
+                 f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {100 * r['read_right']:.1f} | "
+                 f"{100 * r['thought_right']:.1f} | {r['episodes']} |" for name, r in results.items()]
+        write_text(run_dir / "results.md", "\n".join(rows) + "\n")
+        log("\n".join(rows))
     return results
 
 
 LOGGED = ("success episodes mean_return format_fail read_right thought_right step_kl_max clipfrac optimizer_steps "
           "undone_steps explained_variance thought_entropy action_entropy distinct_thoughts").split()
-
-
-def results_table(task, results: dict) -> str:
-    rows = ["| policy | success % (95% CI) | mean return | format failures % | answers read right % | "
-            "thoughts true % | episodes |", "|---" * 7 + "|"]
-    for name, r in results.items():
-        rows.append(f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
-                    f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {100 * r['read_right']:.1f} | "
-                    f"{100 * r['thought_right']:.1f} | {r['episodes']} |")
-    return f"{task.env_id}\n" + "\n".join(rows)
 
 
 def metrics(folder: Path) -> list[dict]:
@@ -1378,7 +1363,7 @@ def finished(folder: Path) -> dict:
 def run_children(runs: dict, workers: int, run_dir: Path) -> None:
     """The runs {key: (task, folder, settings)} as `rl4vlm.py --resume FOLDER` children, `workers` at a time."""
     waiting = sorted(runs, key=lambda key: -runs[key][2].max_new_tokens * runs[key][2].total_steps)
-    running, failed, t0 = {}, [], time.time()  # running: key -> [child, metrics lines read, warm start told]
+    running, told, failed, t0 = {}, dict.fromkeys(runs, 0), [], time.time()  # told: the stages said of each run
 
     def say(key, text):
         done = len(runs) - len(waiting) - len(running)
@@ -1392,25 +1377,26 @@ def run_children(runs: dict, workers: int, run_dir: Path) -> None:
                 if not (folder / "settings.json").exists():
                     write_text(folder / "settings.json", json.dumps(asdict(settings), indent=1))
                 with open(folder / "log.txt", "a") as out:  # a session of its own: Ctrl-C reaches it through us
-                    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--resume", str(folder)],
-                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-                running[key] = [child, 0, False]
+                    running[key] = subprocess.Popen([sys.executable, Path(__file__).resolve(), "--resume", folder],
+                                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
                 say(key, "started")
             time.sleep(1)
-            for key, (child, *_) in list(running.items()):
-                for text in progress(runs[key][1], runs[key][2], running[key]):
-                    say(key, text)
-                if child.poll() is not None:
+            for key, child in list(running.items()):
+                if child.poll() is not None:  # done, then its last stages are said
                     del running[key]
-                    if child.returncode == 0:
-                        say(key, f"after RL: success {100 * finished(runs[key][1])['rl']['success']:.1f}%")
-                    else:
-                        failed.append(f"{label(key)} ({runs[key][1] / 'log.txt'}: {last_line(runs[key][1])})")
-                        say(key, f"failed (exit {child.returncode}): {last_line(runs[key][1])}")
+                stages = progress(*runs[key][1:])
+                for text in stages[told[key]:]:
+                    say(key, text)
+                told[key] = max(told[key], len(stages))  # a resumed run rewrites its metrics
+                if key not in running and child.returncode:
+                    tail = (runs[key][1] / "log.txt").read_text(errors="replace").strip().splitlines()
+                    why = tail[-1][:300] if tail else "(no output)"  # the error of a failed run
+                    failed.append(f"{label(key)} ({runs[key][1] / 'log.txt'}: {why})")
+                    say(key, f"failed (exit {child.returncode}): {why}")
     except KeyboardInterrupt:
-        for child, *_ in running.values():
+        for child in running.values():
             child.send_signal(signal.SIGINT)
-        for child, *_ in running.values():
+        for child in running.values():
             child.wait()
         raise
     if failed:
@@ -1422,24 +1408,15 @@ def label(key) -> str:
     return " ".join(filter(None, [key[0], key[1], f"seed {key[2]}"]))  # (task, variant, seed) -> "Points24 seed 1"
 
 
-def progress(folder: Path, s: Settings, seen: list):
-    """The stages a run reached since `seen` ([child, metrics lines read, warm start told]) was updated."""
-    results = finished(folder)
-    if "warm_start" in results and not seen[2]:
-        seen[2] = True
-        yield f"warm start: success {100 * results['warm_start']['success']:.1f}%"
+def progress(folder: Path, s: Settings) -> list[str]:
+    """The stages a run has reached: the warm start's evaluation, each checkpointed update, the evaluation after RL."""
+    results, num_updates = finished(folder), max(1, s.total_steps // (s.num_envs * s.num_steps))
+    stages = [f"warm start: success {100 * results['warm_start']['success']:.1f}%"] if "warm_start" in results else []
     lines = (folder / "metrics.jsonl").read_text().split("\n")[:-1] if (folder / "metrics.jsonl").exists() else []
-    num_updates = max(1, s.total_steps // (s.num_envs * s.num_steps))
-    for m in map(json.loads, lines[min(seen[1], len(lines)):]):  # a resumed run rewrites its metrics
-        if m["update"] % s.checkpoint_every == 0 or m["update"] == num_updates:
-            yield (f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "
-                   f"{m['format_fail']:.3f}, kept steps' approx_kl up to {m['step_kl_max']:.4f}")
-    seen[1] = len(lines)
-
-
-def last_line(folder: Path) -> str:
-    lines = [line for line in (folder / "log.txt").read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "(no output)"  # the error of a failed run
+    stages += [f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "  # whole lines only
+               f"{m['format_fail']:.3f}, kept steps' approx_kl up to {m['step_kl_max']:.4f}"
+               for m in map(json.loads, lines) if m["update"] % s.checkpoint_every == 0 or m["update"] == num_updates]
+    return stages + ([f"after RL: success {100 * results['rl']['success']:.1f}%"] if "rl" in results else [])
 
 
 def seed_rows(rows, seeds) -> list[str]:
@@ -1477,10 +1454,8 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
             csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},"
                        f"{r['episodes']},{r['expert_match']:.4f},{r['read_right']:.4f},{r['thought_right']:.4f},"
                        f"{r['format_fail']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
-    for t in tasks:
-        if t.solvable:
-            share = np.mean([results[t.name, seed]["rl"]["solvable"] for seed in seeds])
-            md.append(f"\n{t.name}: {100 * share:.1f}% of the evaluated deals can be won at all.")
+    md += [f"\n{t.name}: {100 * np.mean([results[t.name, seed]['rl']['solvable'] for seed in seeds]):.1f}% of the "
+           "evaluated deals can be won at all." for t in tasks if t.solvable]
     pages = [f"[{t.name} seed {seed}, {stage}](seed{seed}/{t.name}/episodes-{stage}.md)" for t in tasks
              for seed in seeds for stage, *_ in stages
              if (run_dir / f"seed{seed}" / t.name / f"episodes-{stage}.md").exists()]
@@ -1493,9 +1468,6 @@ def main(argv=None) -> dict:
     run_dir = Path(s.resume) if s.resume else None
     if run_dir:  # the run's own settings; the command line only names the run
         s = Settings(**json.loads((run_dir / "settings.json").read_text()))
-    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun
-    if s.num_envs % world or s.minibatch_size % world:
-        fail(f"--num-envs and --minibatch-size are global: they must be multiples of the {world} ranks")
     s = init_distributed(s)
     tasks = tasks_of(s.env)
     started = gather(int(time.time()))[0]  # rank 0's clock names the run on every rank

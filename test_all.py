@@ -5,6 +5,7 @@ that order; each test is named after the rule it proves and checks it exactly, a
 computation or an independent implementation. No test times anything: bench.py does."""
 from collections import Counter
 from dataclasses import fields, replace
+from types import SimpleNamespace
 import copy
 import fcntl
 from itertools import combinations_with_replacement
@@ -2181,9 +2182,10 @@ def test_an_answer_reads_right_with_the_states_fields_and_thinks_true_with_its_t
     answer = blackjack.answer(hand, 0, cot=True)
     assert answer.startswith('{"dealer": 10, "player": 17, ') and blackjack.answer_checks(hand, answer) == (True, True)
     # the shares of a batch; without CoT there is nothing to check
-    shares = rl4vlm.answer_shares([(True, True, False), (False, True, True), (True, False, True), (True, True, True)])
+    answers = lambda *checks: [SimpleNamespace(format_ok=f, read_ok=r, thought_ok=t) for f, r, t in checks]
+    shares = rl4vlm.answer_shares(answers((True, True, False), (False, True, True), (True, False, True), (True, True, True)))
     assert shares == dict(format_fail=0.25, read_right=0.75, thought_right=0.75)
-    assert all(math.isnan(v) for v in list(rl4vlm.answer_shares([(True, None, None)]).values())[1:])
+    assert all(math.isnan(v) for v in list(rl4vlm.answer_shares(answers((True, None, None))).values())[1:])
 
 
 def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
