@@ -36,10 +36,6 @@ def card_value(rank):
     return min(rank, 10)  # J, Q, K count as 10, an ace as 1
 
 
-def card_name(rank, suit):
-    return RANK_TEXT.get(rank, str(rank)) + suit
-
-
 # ---- Pictures
 
 @functools.cache
@@ -86,15 +82,6 @@ def draw_card(image, box, rank, suit, rank_size):
     image.paste(color, (centre_x - glyphs.width // 2, centre_y - glyphs.height // 2), glyphs)
 
 
-def draw_card_back(d, box):
-    x0, y0, x1, y1 = box
-    d.rounded_rectangle(box, radius=6, fill=(30, 60, 140), outline="white", width=2)
-    for x in range(x0 + 8, x1 - 4, 8):  # a checked pattern tells the back from a face
-        d.line([(x, y0 + 6), (x, y1 - 6)], fill=(150, 170, 230))
-    for y in range(y0 + 8, y1 - 4, 8):
-        d.line([(x0 + 6, y), (x1 - 6, y)], fill=(150, 170, 230))
-
-
 @functools.cache
 def advance(text, size):
     return font(size).getlength(text)
@@ -115,10 +102,9 @@ def formula_sprites(entries, top, size):
     return sprites
 
 
-# A picture is a background colour and sprites at fixed places: cards, card backs, words. Each sprite is painted once
-# into its own small tile (a bounded cache keyed by what it shows), and render() copies the tiles into a copy of the
-# blank picture: the pixels of painting every sprite onto one canvas (the tests' reference), in microseconds
-# instead of milliseconds. A cache of whole pictures would save nothing more: copying one out costs as much.
+# A picture is a background and sprites (cards, card backs, words) at fixed places. Each sprite is painted once into
+# its own tile (a bounded cache keyed by what it shows); render() copies the tiles onto the blank picture: the pixels
+# of one canvas (the tests' reference) in microseconds. Caching whole pictures would not help: copying costs as much.
 
 def paint(image, x, y, kind, *args):
     """Paint one sprite onto a PIL image, its anchor at (x, y)."""
@@ -127,20 +113,16 @@ def paint(image, x, y, kind, *args):
         draw_card(image, (x, y, x + w, y + h), rank, suit, rank_size)
     elif kind == "back":
         w, h = args
-        draw_card_back(ImageDraw.Draw(image), (x, y, x + w, y + h))
+        d = ImageDraw.Draw(image)
+        d.rounded_rectangle((x, y, x + w, y + h), radius=6, fill=(30, 60, 140), outline="white", width=2)
+        for line_x in range(x + 8, x + w - 4, 8):  # a checked pattern tells the back from a face
+            d.line([(line_x, y + 6), (line_x, y + h - 6)], fill=(150, 170, 230))
+        for line_y in range(y + 8, y + h - 4, 8):
+            d.line([(x + 6, line_y), (x + w - 6, line_y)], fill=(150, 170, 230))
     else:
         text, size, fill, stroke, *anchor = args
         ImageDraw.Draw(image).text((x, y), text, fill=fill, font=font(size), stroke_width=stroke, stroke_fill=fill,
                                    anchor=anchor[0] if anchor else None)
-
-
-def extent(kind, *args):
-    """The box a sprite paints in, relative to its anchor: (left, top, right, bottom), right and bottom exclusive."""
-    if kind == "text":
-        text, size, fill, stroke, *anchor = args
-        return font(size).getbbox(text, stroke_width=stroke, anchor=anchor[0] if anchor else None)
-    w, h = args[-2:] if kind == "back" else args[2:4]
-    return 0, 0, w + 1, h + 1  # a rectangle's outline includes its right and bottom edge
 
 
 @functools.cache
@@ -153,7 +135,12 @@ def blank(background):
 @functools.lru_cache(maxsize=1024)
 def tile(background, kind, *args):
     """A sprite painted on its own over the background colour: (pixels (h, w, 3), left, top)."""
-    left, top, right, bottom = extent(kind, *args)
+    if kind == "text":  # the box it paints in, relative to its anchor; right and bottom exclusive
+        text, size, fill, stroke, *anchor = args
+        left, top, right, bottom = font(size).getbbox(text, stroke_width=stroke, anchor=anchor[0] if anchor else None)
+    else:  # a rectangle's outline includes its right and bottom edge
+        w, h = args[-2:] if kind == "back" else args[2:4]
+        left, top, right, bottom = 0, 0, w + 1, h + 1
     image = Image.new("RGB", (right - left, bottom - top), background)
     paint(image, -left, -top, kind, *args)
     pixels = np.asarray(image)
@@ -164,10 +151,8 @@ def tile(background, kind, *args):
 # ---- Environments
 
 class GymCardsEnv(gym.Env):
-    """Common frame: reset = deal + picture, step = play + picture. Subclasses define the game in deal() (a state
-    drawn from self.np_random), play(action) -> (reward, terminated, truncated), info() and sprites() -> [(x, y, kind,
-    *args)], what the picture shows. Tests set a state by assigning its attributes after reset(); fast simulations
-    call deal()/play()/info() and skip the picture."""
+    """reset = deal + picture, step = play + picture; subclasses define deal() (from self.np_random), play(action) ->
+    (reward, terminated, truncated), info() and sprites(). Tests set states after reset(); simulations skip render."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
     actions: tuple[str, ...] = ()
@@ -241,10 +226,9 @@ MAX_POWER_BITS = 1 << 16
 def formula_value(text):
     """What eval(text) gives for a formula's joined text, or None where eval fails or gives no number.
 
-    Walks the syntax tree and applies Python's own operators, so results (float rounding, int exactness, division
-    by zero) are eval's. One departure: eval hangs on 10**10**10, so an integer power above 2**MAX_POWER_BITS is None.
-    Such a power takes three of the at most four numbers (base 10 needs an exponent over 19,000), and no operation
-    with the one number left brings it back to exactly 12 or 24, so no reward changes."""
+    Python's own operators over the syntax tree, so results (float rounding, int exactness, division by zero) are
+    eval's, but an integer power above 2**MAX_POWER_BITS is None (eval would hang): it takes three of the at most four
+    numbers (base 10 needs an exponent over 19,000), and no operation with the one left brings it back to 12 or 24."""
     try:
         tree = ast.parse(text.lstrip(" "), mode="eval")  # eval drops leading blanks, ast.parse would not
     except SyntaxError:
@@ -297,7 +281,7 @@ class PointsEnv(GymCardsEnv):
         return 0.0, False, False
 
     def info(self):
-        return {"Cards": [card_name(r, s) for r, s in zip(self.ranks, self.suits)],
+        return {"Cards": [RANK_TEXT.get(r, str(r)) + s for r, s in zip(self.ranks, self.suits)],
                 "Numbers": self.numbers, "Formula": list(self.formula)}
 
     def sprites(self):
@@ -400,9 +384,8 @@ def splits(numbers):
 
 
 def write(op, left, pa, right, pb):
-    """The entries of `left op right`, with just the parentheses that make Python parse this very tree.
-    A right operand of equal precedence keeps its parentheses: a-(b-c), and a+(b+c) too, since float
-    sums depend on the order they are taken in."""
+    """The entries of `left op right`, with just the parentheses that make Python parse this very tree. A right
+    operand of equal precedence keeps its parentheses: a-(b-c), and a+(b+c) too (float sums depend on the order)."""
     p = PRECEDENCE[op]
     return (*(left if pa >= p else ("(", *left, ")")), op, *(right if pb > p else ("(", *right, ")")))
 
@@ -410,11 +393,10 @@ def write(op, left, pa, right, pb):
 def joins(numbers, ops):
     """(value, left, pa, op, right, pb) for each way to join two expressions over a split of `numbers`."""
     for left_numbers, right_numbers in splits(numbers):
-        for a, left, pa in expressions(left_numbers, ops):
-            for b, right, pb in expressions(right_numbers, ops):
-                for op in ops:
-                    if not (op == "/" and b == 0):
-                        yield APPLY[op](a, b), left, pa, op, right, pb
+        pairs = product(expressions(left_numbers, ops), expressions(right_numbers, ops), ops)
+        for (a, left, pa), (b, right, pb), op in pairs:
+            if not (op == "/" and b == 0):
+                yield APPLY[op](a, b), left, pa, op, right, pb
 
 
 @functools.cache
@@ -445,10 +427,8 @@ def points_plan(actions, target, info):
     """The first solution (a tuple of entries) that continues the formula so far, or None if none does."""
     ops = "".join(a for a in actions if a in PRECEDENCE)
     formula = tuple(info["Formula"])
-    for entries in solutions(tuple(sorted(info["Numbers"])), target, ops):
-        if entries[:len(formula)] == formula and all(e in actions for e in entries):
-            return entries
-    return None
+    plans = solutions(tuple(sorted(info["Numbers"])), target, ops)
+    return next((p for p in plans if p[:len(formula)] == formula and all(e in actions for e in p)), None)
 
 
 def points_expert(actions, target, info):
@@ -497,8 +477,7 @@ def best_play(total, usable, up):
 
 @functools.cache
 def blackjack_optimum():
-    """(policy {(player total, usable ace, dealer up card): action}, expected return, win probability)
-    of the return-maximising fixed policy, by dynamic programming over the infinite deck."""
+    """(policy {(total, usable ace, dealer up card): action}, expected return, win rate) of the best fixed policy."""
     policy = {(t, u, up): best_play(t, u, up)[2]
               for t in range(4, 22) for u in (0, 1) if t >= 12 or not u for up in range(1, 11)}
     deals = [(add_card(*add_card(0, 0, a), b), up) for a, b, up in product(DECK, repeat=3)]
@@ -556,6 +535,11 @@ class Task:
         """The expert's action with probability `share` (where it has one), else a random one."""
         return expert if expert is not None and rng.random() < share else self.random_action(rng)
 
+    def answer_checks(self, info, text: str) -> tuple[bool, bool]:
+        """Whether an answer holds the state's read fields, and its true thought, as the warm start writes them."""
+        read = json.dumps(self.read(info))[1:-1]  # '"current": 2, "target": 4'
+        return read in text, f'"thoughts": {json.dumps(self.thought(info))}' in text
+
     def answer(self, info, action, cot):
         assert 0 <= action < len(self.actions), f"action {action} not in 0..{len(self.actions) - 1}"
         fields = {**self.read(info), "thoughts": self.thought(info)} if cot else {}
@@ -573,10 +557,6 @@ def points_thought(actions, target, info):
     if plan is None:
         return "plan: none, to write: ="  # a dead end: every move from here loses
     return f"plan: {' '.join(plan)}, to write: {' '.join(plan[len(info['Formula']):] or ('=',))}"
-
-
-def blackjack_read(info):
-    return {"dealer": info["Dealer"][0], "player": hand_total(info["Player"])[0]}
 
 
 def blackjack_thought(info):
@@ -599,23 +579,22 @@ def points_task(env_id, env_class, cards, ace, read_cards, defaults, **more):
 TASKS = {task.env_id: task for task in (
     Task("gym_cards/NumberLine-v0", NumberLineEnv, "Move the current number to the target number.",
          read_spec='"current": <number>, "target": <number>',
-         read=lambda info: {"current": info["Current"], "target": info["Target"]},
-         thought=number_line_thought,
+         read=lambda info: {"current": info["Current"], "target": info["Target"]}, thought=number_line_thought,
          labels=lambda info: [info["Current"], info["Target"]], label_classes=(6, 6),
          expert=lambda info: None if info["Current"] == info["Target"] else int(info["Target"] > info["Current"]),
          defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=400, sft_expert=0.0),
          paper=dict(rl=89.4, no_cot=26.9, sft=24.8)),
     points_task("gym_cards/EZPoints-v0", EZPointsEnv, "both card values", "", "<value>, <value>",
-                dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=600, sft_expert=0.2),
+                dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=1200, sft_expert=0.7),
                 paper=dict(rl=50.0, no_cot=29.9, sft=23.0)),
     points_task("gym_cards/Points24-v0", Points24Env, "all four card values", ", an ace 1", "<4 values>",
                 dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_expert=0.5),
                 paper=dict(rl=2.3, no_cot=0.0, sft=2.6), solvable=lambda info: points24_solvable(info["Numbers"])),
     Task("gym_cards/Blackjack-v0", BlackjackEnv,
          "Get closer to 21 than the dealer without going over; J, Q, K count as 10, an ace 1 or 11.",
-         read_spec='"dealer": <face-up card value>, "player": <your total>', read=blackjack_read,
-         thought=blackjack_thought,
-         labels=lambda info: [info["Dealer"][0] - 1, hand_total(info["Player"])[0], hand_total(info["Player"])[1]],
+         read_spec='"dealer": <face-up card value>, "player": <your total>', thought=blackjack_thought,
+         read=lambda info: {"dealer": info["Dealer"][0], "player": hand_total(info["Player"])[0]},
+         labels=lambda info: [info["Dealer"][0] - 1, *hand_total(info["Player"])],
          label_classes=(10, 32, 2), expert=blackjack_expert,
          defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=600, sft_expert=0.0),
          paper=dict(rl=40.2, no_cot=40.4, sft=23.1)),

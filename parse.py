@@ -36,9 +36,8 @@ def parse_action(text: str, actions: Sequence[str]) -> tuple[int | None, tuple[i
         return None, None
     match = matches[-1]  # the last "action" key wins
     group = match.lastindex  # exactly one of the three value groups took part
-    value, start = match.group(group), match.start(group)
-    start += len(value) - len(value.lstrip(TRIM))
+    value = match.group(group)
+    start = match.start(group) + len(value) - len(value.lstrip(TRIM))
     value = value.strip(TRIM)
-    span = (start, start + len(value))
     index = lowered.index(value.lower()) if value.lower() in lowered else None
-    return index, span
+    return index, (start, start + len(value))

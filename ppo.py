@@ -10,8 +10,8 @@ Departures from textbook PPO (Schulman et al. 2017) and from CleanRL's ppo.py:
 """
 import json
 import math
-import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,13 +63,17 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     loss = pg_loss + vf_coef * v_loss
 
     with torch.no_grad():
-        stats = {
-            "policy_loss": pg_loss.item(),
-            "value_loss": v_loss.item(),
-            "approx_kl": ((ratio - 1) - logratio).mean().item(),  # http://joschu.net/blog/kl-approx.html
-            "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
-        }
+        stats = dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(),
+                     approx_kl=((ratio - 1) - logratio).mean().item(),  # http://joschu.net/blog/kl-approx.html
+                     clipfrac=((ratio - 1).abs() > clip_coef).float().mean().item())
     return loss, stats
+
+
+def token_kl(logprobs, ref_logprobs, mask):
+    """KL(pi || pi_ref) of each sample, the mean over its tokens of k3 = r - 1 - log r with r = pi_ref / pi
+    (unbiased and >= 0 for tokens drawn from pi, http://joschu.net/blog/kl-approx.html): (B, G) -> (B,)."""
+    log_r = (ref_logprobs - logprobs).where(mask, 0.0)
+    return ((log_r.exp() - 1 - log_r) * mask).sum(1) / mask.sum(1)
 
 
 # ---- LoRA (Hu et al. 2021): W x + (alpha / rank) * B A x, with B = 0 at the start
@@ -102,16 +106,28 @@ def lora_modules(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+@contextmanager
+def lora_off(model):
+    """The base model for a block: every adapter's update scaled by 0."""
+    scalings = {m: m.scaling for _, m in lora_modules(model)}
+    for m in scalings:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, scaling in scalings.items():
+            m.scaling = scaling
+
+
 def lora_parameters(model):
     return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
 def add_lora(model, rank, alpha, dropout, targets):
-    """Wrap the nn.Linear layers (exactly that type) whose full name matches `targets`; freeze the rest.
+    """Wrap the nn.Linear layers (exactly that type) whose full name matches `targets`.
 
-    targets is a regex searched in each name (e.g. r"language_model.*_proj$"), or a list of final names like PEFT's
-    target_modules (["q_proj", "v_proj"]). Returns the wrapped names. Call it before adding other trainable modules
-    to the model: it freezes every base parameter."""
+    targets: a regex searched in each name (r"language_model.*_proj$") or a list of final names like PEFT's
+    target_modules (["q_proj", "v_proj"]). It freezes every base parameter: call it before adding trainable modules."""
     assert not lora_modules(model), "the model already has LoRA layers"
     if not isinstance(targets, str):
         targets = r"(^|\.)(" + "|".join(map(re.escape, targets)) + r")$"
@@ -140,6 +156,12 @@ def merge_lora(model):
 CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 
+def lora_weights(model):
+    """{key in PEFT's file: LoRA weight}; PEFT leaves the adapter name ("default") out of the keys."""
+    return {f"{PREFIX}{n}.{ab}.weight": getattr(m, ab).weight
+            for n, m in lora_modules(model) for ab in ("lora_A", "lora_B")}
+
+
 def save_adapter(model, folder, base_model_name_or_path=None):
     """folder/adapter_config.json and adapter_model.safetensors as PEFT writes them (not atomic: the caller renames)."""
     modules = lora_modules(model)
@@ -151,20 +173,17 @@ def save_adapter(model, folder, base_model_name_or_path=None):
     # PEFT matches a list of final names against every module; fall back to an exact regex if that would over-match
     suffixes = sorted({n.rpartition(".")[2] for n in names})
     would_match = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in suffixes]
-    exact = "|".join(map(re.escape, names))
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.lora_dropout.p,
-        "target_modules": suffixes if sorted(would_match) == sorted(names) else exact,
+        "target_modules": suffixes if sorted(would_match) == sorted(names) else "|".join(map(re.escape, names)),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
-    # PEFT leaves the adapter name ("default") out of the keys in the file
-    tensors = {f"{PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
-               for n, m in modules for ab in ("lora_A", "lora_B")}
-    os.makedirs(folder, exist_ok=True)
-    save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    tensors = {k: w.detach().contiguous() for k, w in lora_weights(model).items()}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, Path(folder, WEIGHTS_NAME), metadata={"format": "pt"})
     Path(folder, CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
 
@@ -175,7 +194,7 @@ def load_adapter(model, folder):
     options = ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
     unsupported = {k: config[k] for k in options if config.get(k)} | ({} if config.get("bias", "none") == "none" else
                                                                        {"bias": config["bias"]})
-    tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
+    tensors = load_file(Path(folder, WEIGHTS_NAME))
     bad = [k for k in tensors if not (k.startswith(PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight")))]
     if config.get("peft_type") != "LORA" or unsupported or bad:
         raise ValueError(f"not a plain LoRA adapter: peft_type {config.get('peft_type')!r}, unsupported options "
@@ -184,18 +203,15 @@ def load_adapter(model, folder):
         names = sorted({k[len(PREFIX):].rsplit(".", 2)[0] for k in tensors})
         targets = "^(" + "|".join(map(re.escape, names)) + ")$"
         add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets)
-    modules = lora_modules(model)
-    expected = {f"{PREFIX}{n}.{ab}.weight" for n, _ in modules for ab in ("lora_A", "lora_B")}
-    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    wrong = [f"{n}.{ab}" for n, m in modules for ab in ("lora_A", "lora_B") if f"{PREFIX}{n}.{ab}.weight" in tensors
-             and getattr(m, ab).weight.shape != tensors[f"{PREFIX}{n}.{ab}.weight"].shape]
-    wrong += [n for n, m in modules if m.scaling != config["lora_alpha"] / config["r"]]
+    weights = lora_weights(model)
+    missing, unexpected = sorted(weights.keys() - tensors.keys()), sorted(tensors.keys() - weights.keys())
+    wrong = [k for k, w in weights.items() if k in tensors and w.shape != tensors[k].shape]
+    wrong += [n for n, m in lora_modules(model) if m.scaling != config["lora_alpha"] / config["r"]]
     if missing or unexpected or wrong:
         raise ValueError(f"adapter does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"other shape or scaling {wrong[:5]}")
-    for name, m in modules:
-        for ab in ("lora_A", "lora_B"):
-            getattr(m, ab).weight.copy_(tensors[f"{PREFIX}{name}.{ab}.weight"])
+    for k, w in weights.items():
+        w.copy_(tensors[k])
 
 
 # ---- The critic

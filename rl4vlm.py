@@ -6,13 +6,16 @@ last prompt token's hidden state and GAE over env steps fine-tunes the VLM throu
     log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens).
 The sections below follow a run. Where this departs from the paper (the README says why):
 1. The default policy is a tiny LLaVA built here from random weights; its warm start adds a perception loss.
-2. The warm start is imperfect on purpose (--sft-expert), and the tiny model has its own hyper-parameters.
+2. The warm start is imperfect on purpose (--sft-expert), at the sampling temperature; the tiny model's own settings.
 3. A text that names no legal action is all thought tokens: the random action played is not the model's choice.
 4. Old log-probs and values come from the sampling pass; the update has no dropout either; suppressed tokens masked.
+5. A trust region (a PPO step past --target-kl is undone, then tried shorter) and a KL penalty toward the warm start.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
+import copy
 import fcntl
 import hashlib
 import itertools
@@ -48,7 +51,7 @@ import ppo
 BUILTIN, SUITE, DTYPES = "builtin", "gym-cards", ("float32", "bfloat16")
 ABLATIONS = {"": {"": {}},  # --ablations: the variants each task runs in, and the settings each changes
              "cot": {"with CoT": dict(cot=True), "without CoT": dict(cot=False)},
-             "lambda": {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.2, 0.5, 1.0)}}
+             "lambda": {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.5, 1.0)}}
 PAPER = {"": "rl", "with CoT": "rl", "without CoT": "no_cot"}  # a variant's number in Task.paper
 
 
@@ -64,8 +67,7 @@ CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda 
 
 @dataclass
 class Settings:
-    env: str = _opt("gym_cards/NumberLine-v0", "task id or name (numberline, ezpoints, points24, blackjack), "
-                    "several joined by commas, or gym-cards for all four")
+    env: str = _opt("gym_cards/NumberLine-v0", "task id or name, several joined by commas, or gym-cards (all four)")
     model: str = _opt(BUILTIN, "'builtin' (a tiny LLaVA built on first use) or a Hugging Face VLM id or folder")
     seed: int = _opt(1, "seed of everything: model init, envs, sampling, minibatches")
     seeds: list = _opt((), "one run per seed (e.g. --seeds 1 2 3) in OUT_DIR/RUN_NAME/seed<n>, tables over them", int)
@@ -77,8 +79,7 @@ class Settings:
     dtype: str = _opt("float32", "model weights (LoRA, value head, logits, PPO maths: float32)", check=DTYPES)
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
     threads: int = _opt(1, "torch CPU threads (1: the same numbers on any machine, 0: torch's default)", check=">= 0")
-    workers: int = _opt(0, "runs of a suite at once, a process each (0: one per CPU core; 1: one after another)",
-                        check=">= 0")
+    workers: int = _opt(0, "runs of a suite at once, a process each (0: one per CPU core)", check=">= 0")
     dist_timeout: float = _opt(30.0, "under torchrun: minutes a rank waits for the others", check="> 0")
 
     cot: bool = _opt(True, "chain of thought in prompts and warm-start answers (--no-cot: action only)")
@@ -86,7 +87,9 @@ class Settings:
     temperature: float = _opt(0.2, "sampling temperature, also applied in the loss (as in the paper)", check="> 0")
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int, check="> 0")
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action", check=">= 0")
-    target_kl: float = _opt(0.05, "an update stops before a minibatch past this approx_kl (0: never)", check=">= 0")
+    target_kl: float = _opt(0.05, "no PPO step may take a minibatch's approx_kl past this (0: no limit)", check=">= 0")
+    kl_coef: float = _opt(0.1, "weight of a KL penalty toward the warm-started policy (the adapters off)", check=">= 0")
+    backtrack: int = _opt(4, "a step past target_kl is retried at half the length this many times", check=">= 0")
 
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
     num_steps: int = _opt(None, "steps per env per update (default: the task's)", int, check="> 0")
@@ -114,10 +117,8 @@ class Settings:
     sft_expert: float = _opt(None, "expert's share of warm-start actions (default: task's)", float, check="in [0, 1]")
     sft_follow: float = _opt(0.75, "expert's share of moves in the play of the warm start", check="in [0, 1]")
     sft_data: str = _opt("", 'warm start on a JSONL file of {"image": path, "prompt": ..., "answer": ...} lines')
-    aux_loss: str = _opt("auto", "perception loss in the warm start (auto: built-in model, no --sft-data)",
-                         check=("auto", "on", "off"))
-    ablations: str = _opt("", "instead of plain runs: cot (with and without chain of thought) or lambda "
-                          "(thought_coef 0, 0.2, 0.5, 1)", check=tuple(ABLATIONS))
+    aux_loss: str = _opt("auto", "perception loss (auto: built-in model, no --sft-data)", check=("auto", "on", "off"))
+    ablations: str = _opt("", "cot (with and without CoT) or lambda (thought_coef 0, 0.5, 1)", check=tuple(ABLATIONS))
 
     eval_episodes: int = _opt(500, "held-out episodes per evaluation", check="> 0")
     eval_envs: int = _opt(256, "environments each rank steps in parallel while evaluating", check="> 0")
@@ -239,8 +240,7 @@ def torch_seeded(seed: int):
 
 
 class EnvPool:
-    """num_envs copies of one task; each episode takes the stream's next seed, whichever env plays it (not gymnasium's
-    vector envs: they seed each env once)."""
+    """num_envs copies of one task, each episode on the stream's next seed (gymnasium's vector envs seed each once)."""
 
     def __init__(self, env_id: str, num_envs: int, seeds: range):
         # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
@@ -259,10 +259,9 @@ class EnvPool:
 
     def step(self, i: int, action: int):
         """Step env i (reset at an episode's end): reward, terminated, truncated, (final obs, info, return) or None."""
-        obs, reward, terminated, truncated, info = self.envs[i].step(action)
+        self.obs[i], reward, terminated, truncated, self.infos[i] = self.envs[i].step(action)
         self.returns[i] += reward
-        self.obs[i], self.infos[i] = obs, info
-        ended = (obs, info, self.returns[i]) if terminated or truncated else None
+        ended = (self.obs[i], self.infos[i], self.returns[i]) if terminated or truncated else None
         if ended:
             self.reset(i)
         return reward, terminated, truncated, ended
@@ -393,8 +392,7 @@ def load_policy(path: str, device: str, dtype: str = "float32", grad_checkpointi
 
 
 def float32_logits(head, args, out):
-    """A forward hook on a half-precision model's LM head: its logits again in float32, for sampling and the loss
-    alike (bf16 would round a logit near 20 by 0.125, 0.625 nats at temperature 0.2)."""
+    """LM-head hook: the logits in float32 (bf16 rounds a logit near 20 by 0.125, 0.625 nats at temperature 0.2)."""
     return F.linear(args[0].float(), head.weight.float(), None if head.bias is None else head.bias.float())
 
 
@@ -403,9 +401,8 @@ def float32_logits(head, args, out):
 def encode_prompt(processor, image, prompt: str, device) -> dict:
     """A chat-formatted prompt with its image inputs, batch dim 1: any model's image inputs stay per sample."""
     bos = processor.tokenizer.bos_token
-    chat = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-        add_generation_prompt=True, tokenize=False)
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    chat = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     # a template that writes BOS itself gets no second one from the tokenizer (as in transformers)
     enc = processor(images=[Image.fromarray(image)], text=[chat], return_tensors="pt",
                     add_special_tokens=not (bos and chat.startswith(bos)))
@@ -444,8 +441,7 @@ def encode_prompts(processor, images, prompts: list[str], device) -> list[dict]:
 
 
 def pad_prompts(rows: list[dict], pad_id: int) -> dict:
-    """Per-sample prompts -> one batch: tensors shaped like input_ids (1, P) padded on the left (input_ids with
-    pad_id, the rest with 0), the others (pixels, grids) concatenated, dim 1 (crops, patches) zero-padded at the end."""
+    """Per-sample prompts -> one batch: (1, P) tensors padded on the left, the others (pixels, grids) at the end."""
     batch = {}
     for key in rows[0]:
         xs = [r[key] for r in rows]
@@ -480,8 +476,7 @@ def sampling_logits(logits, temperature: float, suppress: list[int]):
 
 
 class SamplingRecord:
-    """generate's logits processor: each step's logits become the sampling distribution's (sampling_logits); per
-    step it keeps the entropy and, once drawn, the token's log-prob, (B,) each: no (B, G, V) stack of logits."""
+    """generate's logits processor: sampling_logits, keeping only each step's entropy and drawn token's logp (B,)."""
 
     def __init__(self, temperature: float, suppress: list[int]):
         self.temperature, self.suppress, self.logp, self.logprobs, self.entropies = temperature, suppress, None, [], []
@@ -499,8 +494,7 @@ class SamplingRecord:
 
 
 def position_ids(model, ids, mask, extra: dict):
-    """The position ids generate() gives a left-padded batch (3-D for Qwen2-VL): the one private transformers call,
-    as no public route exists; test_position_ids_count_from_the_first_real_token and the family tests guard it."""
+    """generate()'s position ids of a left-padded batch (3-D for Qwen2-VL): the one private call (none is public)."""
     return model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
 
 
@@ -518,9 +512,8 @@ def first_pass_state(model, position: int):
 
 
 def forward(model, prompt: dict, gen_ids, gen_mask, temperature: float = 1.0, suppress=()):
-    """One pass over prompt (left-padded processor output, input_ids (B, P)) + answers (gen_ids, gen_mask (B, G)).
-    Returns log p of each answer token (B, G) under the sampling distribution (0 at padding), the last prompt
-    token's last-layer state (B, H) (the value head's input) and the output."""
+    """One pass over left-padded prompts (B, P) + answers (B, G) -> log p of each answer token under the sampling
+    distribution (B, G) (0 at padding), the last prompt token's last-layer state (B, H) and the model's output."""
     (B, P), G = prompt["input_ids"].shape, gen_ids.shape[1]
     ids = torch.cat([prompt["input_ids"], gen_ids], 1)                       # (B, P+G)
     mask = torch.cat([prompt["attention_mask"], gen_mask.long()], 1)
@@ -549,18 +542,11 @@ def logprobs_and_values(policy: Policy, prompt: dict, gen_ids, gen_mask):
 
 
 def action_start(tokenizer, gen_ids: list[int], span) -> int:
-    """The first action token, holding the action value's first character (span: parse.py's; None: all thought),
-    found by bisection over the lengths of decoded prefixes (they only grow), never from token ids."""
+    """The first token whose decoded prefix reaches the action value (span: parse.py's; None: all thought)."""
     if span is None:
         return len(gen_ids)
-    lo, hi = 0, len(gen_ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(tokenizer.decode(gen_ids[:mid + 1], skip_special_tokens=True)) > span[0]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    past_start = lambda k: len(tokenizer.decode(gen_ids[:k + 1], skip_special_tokens=True)) > span[0]
+    return bisect.bisect_left(range(len(gen_ids)), True, key=past_start)
 
 
 @dataclass
@@ -577,6 +563,9 @@ class Sample:
     thought: str           # the text before the action value (all of it without one)
     action: int            # the action played: the text's, or a random one (format failure)
     format_ok: bool
+    read_ok: bool | None = None     # with CoT: the answer's read fields are the state's, exactly
+    thought_ok: bool | None = None  # with CoT: its thought is the state's true one (Points: the expert's plan)
+    warm_logprobs: torch.Tensor | None = None  # (G,) with --kl-coef: log p of each token under the warm start
 
 
 @torch.no_grad()
@@ -604,12 +593,13 @@ def act(policy: Policy, task, images, infos, rng) -> list[Sample]:
         if not format_ok:  # the paper plays a random legal action; counted as a format failure
             action, span = task.random_action(rng), None  # not the model's choice: every token is thought
         first = action_start(tokenizer, ids, span)
+        read_ok, thought_ok = task.answer_checks(infos[i], text) if policy.cot else (None, None)
         weights = torch.tensor([policy.thought_coef] * first + [1.0] * (len(ids) - first), device="cpu")
         samples.append(Sample(
             prompt=rows[i], gen_ids=gen_ids[i, :len(ids)].clone(), weights=weights,
             logprob=float((logprobs[i, :len(ids)] * weights).sum()), value=float(values[i]),
             entropy=entropy[i, :len(ids)].clone(), text=text, n_thought=first, thought=text[:span[0]] if span else text,
-            action=action, format_ok=format_ok))
+            action=action, format_ok=format_ok, read_ok=read_ok, thought_ok=thought_ok))
     return samples
 
 
@@ -636,10 +626,9 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
     if s.sft_steps > 0:
         full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
         aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
-        seeds = stream("warm_start", s.seed)
         key = {k: getattr(s, k) for k in ("model", "cot", "sft_steps", "sft_batch", "sft_lr", "sft_expert",
-                                          "sft_follow", "seed", "max_grad_norm", "dtype")}
-        key.update(env=task.env_id, aux=aux, texts=TEXTS, episodes=seeds.start,
+                                          "sft_follow", "seed", "max_grad_norm", "dtype", "temperature")}
+        key.update(env=task.env_id, aux=aux, texts=TEXTS, episodes=stream("warm_start", s.seed).start,
                    sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
                    lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision])
         folder = Path(s.cache_dir) / f"sft-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
@@ -648,34 +637,32 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
                 warm_start_into(folder, path, s, task, key, log)
         log(f"warm-started model: {folder}")
         path = str(folder)
-    policy = load_policy(path, s.device, s.dtype, s.grad_checkpointing)
-    return replace(policy, cot=s.cot, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                   thought_coef=s.thought_coef)
+    return replace(load_policy(path, s.device, s.dtype, s.grad_checkpointing), cot=s.cot, temperature=s.temperature,
+                   max_new_tokens=s.max_new_tokens, thought_coef=s.thought_coef)
 
 
 def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) -> None:
     """Warm-start the model at `path` as `key` says and save it to `folder` (a pretrained one's LoRA merged)."""
     full, aux = key["lora"] is None, key["aux"]
-    policy = load_policy(path, s.device, s.dtype, s.grad_checkpointing)
+    # the loss at the sampling temperature: sampling at it then draws the answers' mix, not a sharpened one
+    policy = replace(load_policy(path, s.device, s.dtype, s.grad_checkpointing), temperature=s.temperature)
     answers = f"answers from {s.sft_data}" if s.sft_data else f"expert's actions in {s.sft_expert:.0%} of them"
     log(f"warm start: {s.sft_steps} steps on {task.env_id}, {answers}"
         + (", auxiliary perception loss" if aux else "") + ("" if full else ", LoRA adapters merged after"))
-    t0, seed = time.time(), key["episodes"]
-    with torch_seeded(seed):
+    with torch_seeded(key["episodes"]):
         if not full:
             add_lora(policy.model, s)
-        stats = warm_start(policy, task, s, aux, np.random.default_rng(seed), log)
+        stats = warm_start(policy, task, s, aux, np.random.default_rng(key["episodes"]), log)
         if not full:
             ppo.merge_lora(policy.model)
-    info = json.dumps(dict(key, **stats, seconds=round(time.time() - t0, 1)), indent=1)
+    info = json.dumps(dict(key, **stats), indent=1)
     write_atomically(folder, lambda tmp: (policy.model.save_pretrained(tmp), policy.processor.save_pretrained(tmp),
                                           (tmp / "warm_start.json").write_text(info)))
 
 
 def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
-    """Supervised answers (envs.py's for states of play, or an --sft-data file's) for whatever requires grad. With
-    `aux`, linear heads read the state's labels off the image features (a VLM from scratch does not learn to read
-    its picture from the language loss alone) and off the last prompt token's state, the value head's input."""
+    """Supervised answers (envs.py's or an --sft-data file's) for whatever requires grad. With `aux`, linear heads read
+    the state's labels off the image features and the value head's input: a VLM from scratch needs the help."""
     batches = file_batches(s.sft_data, s.sft_batch, rng) if s.sft_data else states_batches(task, s, rng)
     first = next(batches)
     heads = perception_heads(policy, task, first) if aux else {}
@@ -697,12 +684,11 @@ def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
             log(f"warm start {step}/{s.sft_steps}  " + "".join(f"{k} {v:.3f}  " for k, v in stats.items())
                 + f"{rate:.1f} steps/s  eta {(s.sft_steps - step) / rate:.0f}s")
     policy.model.eval()
-    return dict(step=step, **stats)
+    return dict(step=step, **stats, seconds=round(time.time() - t0, 1))
 
 
 def states_batches(task, s: Settings, rng):
-    """Batches of (pictures, prompts, answers, labels) from play that follows the expert with probability sft_follow;
-    thoughts are true (Points: the expert's plan), actions the expert's with probability sft_expert."""
+    """Batches of (pictures, prompts, answers, labels) of play (sft_follow), true thoughts and actions (sft_expert)."""
     pool = EnvPool(task.env_id, s.sft_batch, stream("warm_start", s.seed))
     while True:
         infos = list(pool.infos)
@@ -741,7 +727,7 @@ def sft_loss(policy: Policy, heads: dict, task, batch):
     # the same batch layout as the PPO update: left-padded prompts, right-padded answers
     prompt = pad_prompts(encode_prompts(policy.processor, images, prompts, policy.device), policy.pad_id)
     gen_ids, gen_mask = pad_answers([torch.tensor(a, device=policy.device) for a in answers], policy.pad_id)
-    logprobs, state, out = forward(policy.model, prompt, gen_ids, gen_mask)
+    logprobs, state, out = forward(policy.model, prompt, gen_ids, gen_mask, policy.temperature, policy.suppress)
     loss = lm_loss = -logprobs.sum() / gen_mask.sum()
     stats = {}
     if heads:
@@ -760,8 +746,8 @@ def answer_text(processor, prompt: str, answer: str, stop_tokens=None) -> str:
     """The assistant turn the chat template writes after the generation prompt, through the first stop token."""
     user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     head = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-                                         tokenize=False)
+    reply = [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    full = processor.apply_chat_template(user + reply, tokenize=False)
     if not full.startswith(head):
         raise ValueError("the chat template's assistant turn does not extend its generation prompt")
     turn = full[len(head):]  # cut after the first stop token, as generation stops there
@@ -840,9 +826,15 @@ def rollout(policy: Policy, task, pool: EnvPool, num_steps: int, format_penalty:
     stats = dict(episodes=len(episode_returns),
                  success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
                  mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
-                 format_fail=float(np.mean([not x.format_ok for x in every])), **diagnostics(every, task.actions),
+                 **answer_shares(every), **diagnostics(every, task.actions),
                  answer=every[0].text)  # one answer of the batch, to see the thoughts change
     return Rollout(samples, rewards, values, next_values, terminated, truncated, stats)
+
+
+def answer_shares(samples: list[Sample]) -> dict:
+    """Shares of answers naming no legal action and, with CoT, reading the state right and thinking the true thought."""
+    ok, read, thought = np.array([(x.format_ok, x.read_ok, x.thought_ok) for x in samples], dtype=float).T  # None: nan
+    return dict(format_fail=1 - ok.mean(), read_right=read.mean(), thought_right=thought.mean())
 
 
 def diagnostics(samples: list[Sample], action_names) -> dict:
@@ -851,15 +843,13 @@ def diagnostics(samples: list[Sample], action_names) -> dict:
     thought = torch.cat([x.entropy[:x.n_thought] for x in samples])
     action = torch.cat([x.entropy[x.n_thought:] for x in samples])
     played = np.bincount([x.action for x in samples], minlength=len(action_names)) / len(samples)
-    return dict(thought_entropy=float(thought.mean()) if len(thought) else math.nan,
-                action_entropy=float(action.mean()) if len(action) else math.nan,
+    return dict(thought_entropy=float(thought.mean()), action_entropy=float(action.mean()),  # nan if none
                 distinct_thoughts=len({x.thought for x in samples}) / len(samples),
                 action_share={name: round(float(p), 4) for name, p in zip(action_names, played)})
 
 
 def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, returns, s: Settings, rng) -> dict:
-    """update_epochs passes over the batch in shuffled minibatches; advantages, returns (num_steps, num_envs here).
-    The KL guard (CleanRL's target_kl): the first minibatch past target_kl takes no step and ends the update.
+    """update_epochs passes over the batch in shuffled minibatches, each step in a trust region, with a KL penalty.
     Under torchrun the batch is global (rank r holds samples r * n .. r * n + n - 1): every rank follows rank 0's
     order, normalises over the whole minibatch and sums gradients, so each takes the step one process would."""
     rank, world = rank_and_world()
@@ -870,51 +860,88 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
     b_logprobs, b_values, b_advantages, b_returns = torch.cat(gather(local), 1).to(policy.device)  # (4, world * n)
     orders = gather([rng.permutation(world * n) for _ in range(s.update_epochs)])[0]
     minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, world * n, s.minibatch_size)]
-    update_mode(policy.model)
-    measured, grad_norms = [], []
-    for k, mb in enumerate(minibatches):
-        mb_advantages = b_advantages[mb]
-        if len(mb) > 1:
-            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+    def minibatch_pass(k: int, mb, mb_advantages, backward: bool) -> dict:
+        """The loss over mb, micro-batch by micro-batch (gradients summed if `backward`); statistics over every rank."""
         mine = np.flatnonzero(mb // n == rank)  # the places in mb of this rank's samples
-        optimizer.zero_grad()
-        mb_stats = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clipfrac"), 0.0)
+        keys = ["policy_loss", "value_loss", "approx_kl", "clipfrac"] + (["warm_kl"] if s.kl_coef else [])
+        totals = dict.fromkeys(keys, 0.0)
         for j in range(0, len(mine), s.micro_batch):
             places = mine[j:j + s.micro_batch]
             micro = mb[places]
             prompt, gen_ids, gen_mask, weights = collate([samples[g - rank * n] for g in micro], policy.pad_id)
-            logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids, gen_mask)
-            new_logprobs = (logprobs * weights).sum(1)     # log pi(a|s), (micro,)
-            loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[places], new_values,
-                                       b_values[micro], b_returns[micro], clip_coef=s.clip_coef, vf_coef=s.vf_coef)
+            with torch.set_grad_enabled(backward):
+                logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids, gen_mask)
+                new_logprobs = (logprobs * weights).sum(1)     # log pi(a|s), (micro,)
+                loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[places], new_values,
+                                           b_values[micro], b_returns[micro], clip_coef=s.clip_coef, vf_coef=s.vf_coef)
+                if s.kl_coef:  # toward the warm start, per answer token
+                    warm = pad_answers([samples[g - rank * n].warm_logprobs for g in micro], 0)[0].to(logprobs)
+                    warm_kl = ppo.token_kl(logprobs, warm, gen_mask).mean()
+                    loss, stats["warm_kl"] = loss + s.kl_coef * warm_kl, warm_kl.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"PPO loss is {loss.item()} (minibatch {k + 1}, stats {stats}); "
                                          "the last checkpoint is untouched")
-            (loss * len(micro) / len(mb)).backward()
-            for key in mb_stats:
-                mb_stats[key] += stats[key] * len(micro) / len(mb)
-        totals = torch.tensor(list(mb_stats.values()), dtype=torch.float64, device=policy.device)
-        all_sum([totals])
-        measured.append(dict(zip(mb_stats, totals.tolist())))
+            if backward:
+                (loss * len(micro) / len(mb)).backward()
+            for key in totals:
+                totals[key] += stats[key] * len(micro) / len(mb)
+        summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=policy.device)
+        all_sum([summed])
+        return dict(zip(totals, summed.tolist()))
+
+    update_mode(policy.model)
+    if s.kl_coef:  # the warm-started policy is this model with its adapters off: one more pass, no more memory
+        with torch.no_grad(), ppo.lora_off(policy.model):
+            for j in range(0, n, s.micro_batch):
+                logprobs, _ = logprobs_and_values(policy, *collate(samples[j:j + s.micro_batch], policy.pad_id)[:3])
+                for x, lp in zip(samples[j:j + s.micro_batch], logprobs.cpu()):
+                    x.warm_logprobs = lp[:len(x.gen_ids)]
+    measured, step_kls, grad_norms, undone, scale = [], [], [], 0, 1.0
+    lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's, put back at the end
+    for k, mb in enumerate(minibatches):
+        mb_advantages = b_advantages[mb]
+        if len(mb) > 1:
+            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+        optimizer.zero_grad()
+        measured.append(minibatch_pass(k, mb, mb_advantages, backward=True))
         if s.target_kl and measured[-1]["approx_kl"] > s.target_kl:
-            break  # the KL guard
+            break  # past the target already, after steps on other minibatches: no step
         if world > 1:  # sum the gradients; a rank with no sample in this minibatch adds zeros
             for p in params:
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             all_sum([p.grad for p in params])
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
-        optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+        saved_params, saved_state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+        for _ in range(s.backtrack + 1):
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr * scale
+            optimizer.step()
+            kl = minibatch_pass(k, mb, mb_advantages, backward=False)["approx_kl"]  # the policy now, the same samples
+            if not s.target_kl or kl <= s.target_kl:
+                break
+            # the trust region: undo the step (weights and optimizer state), try it at half the length (AdamW's step
+            # is lr times one direction from one state), up to `backtrack` times; the rest of the update at that length
+            for p, saved in zip(params, saved_params):
+                p.data.copy_(saved)
+            optimizer.load_state_dict(copy.deepcopy(saved_state))  # loading adopts the tensors, steps change them
+            undone, scale = undone + 1, scale / 2
+        if s.target_kl and kl > s.target_kl:  # still past it: the update ends
+            break
+        step_kls.append(kl)
+        grad_norms.append(grad_norm)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
     policy.model.eval()
-    out = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
-    out.update(approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(grad_norms),
-               grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
-               explained_variance=ppo.explained_variance(b_values, b_returns))
-    return out
+    return dict({k: float(np.mean([m[k] for m in measured])) for k in measured[0]},
+                approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(step_kls), undone_steps=undone,
+                step_kl_max=max(step_kls, default=0.0), step_kls=step_kls,
+                grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
+                explained_variance=ppo.explained_variance(b_values, b_returns))
 
 
 def update_mode(model) -> None:
-    """The update's forward as sampling's: eval mode (no dropout, LoRA's neither), except in layers that checkpoint
-    their activations, as transformers does only in train mode (their sublayers stay in eval mode)."""
+    """Eval mode as in sampling (no dropout), but train mode on layers that checkpoint (transformers does only then)."""
     model.eval()
     for m in model.modules():
         if getattr(m, "gradient_checkpointing", False):
@@ -927,21 +954,20 @@ SHOWN = 4  # episodes on a page: the evaluation's first deals, whatever their ou
 
 @torch.no_grad()
 def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | None = None) -> dict:
-    """eval_episodes held-out deals sampled as in training, on forked generators (rank r of N plays r, r + N, ...);
-    with `page`, the first SHOWN episodes are written there."""
+    """eval_episodes held-out deals sampled as in training, on forked generators (rank r of N plays r, r + N, ...)."""
     rank, world = rank_and_world()
     deals = stream("eval", s.seed)
     seeds, n = deals[rank::world], len(range(rank, s.eval_episodes, world))
     pool = EnvPool(task.env_id, min(s.eval_envs, n), seeds)
     active, shown = [True] * len(pool.envs), {}  # episode -> its steps
-    returns, format_ok, t0 = [], [], time.time()
+    returns, answers, t0 = [], [], time.time()
     last_log, rng = t0, np.random.default_rng(seeds.start)
     with torch_seeded(seeds.start):
         while any(active):
             idx = [i for i in range(len(active)) if active[i]]
             samples = act(policy, task, [pool.obs[i] for i in idx], [pool.infos[i] for i in idx], rng)
             for i, x in zip(idx, samples):
-                format_ok.append(x.format_ok)
+                answers.append(replace(x, prompt={}))  # the prompt stays here, the rest goes to rank 0
                 episode, picture = pool.episode[i], pool.obs[i]
                 reward, _, _, ended = pool.step(i, x.action)
                 if page and rank == 0 and episode < SHOWN:
@@ -954,15 +980,15 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | No
                 log(f"evaluating {label}: {len(returns)}/{n} episodes, {time.time() - t0:.0f}s")
     if shown:
         write_episodes(page, task, label, {seeds[k]: steps for k, steps in sorted(shown.items())}, policy.processor)
-    returns, format_ok = (sum(parts, []) for parts in zip(*gather((returns, format_ok))))
+    returns, answers = (sum(parts, []) for parts in zip(*gather((returns, answers))))
     n = s.eval_episodes
     wins = sum(envs.is_success(r) for r in returns)
     low, high = wilson(wins, n)
     result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
-                  format_fail=1 - float(np.mean(format_ok)), seconds=round(time.time() - t0, 1))
+                  **answer_shares(answers), seconds=round(time.time() - t0, 1))
     result["expert_match"] = expert_match(policy, task, deals, min(200, n), s.eval_envs)
-    log(f"{label}: success {result['success']:.3f}, greedy action = expert's on {result['expert_match']:.3f} "
-        f"of held-out states along the expert's path")
+    log(f"{label}: success {result['success']:.3f}, answers read right {result['read_right']:.3f}, thoughts true "
+        f"{result['thought_right']:.3f}, greedy action = expert's on {result['expert_match']:.3f} of on-path states")
     if task.solvable:  # the share of the evaluated deals that can be won at all
         env = gym.make(task.env_id)
         result["solvable"] = float(np.mean([task.solvable(env.reset(seed=deals[k])[1]) for k in range(n)]))
@@ -1033,7 +1059,10 @@ def model_input(processor, prompt: dict):
 
 def init_distributed(s: Settings) -> Settings:
     """Join torchrun's group: NCCL on CUDA (cuda:LOCAL_RANK), gloo on CPU. In one process, what follows does nothing."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if s.num_envs % world or s.minibatch_size % world:
+        fail(f"--num-envs and --minibatch-size are global: they must be multiples of the {world} ranks")
+    if world == 1 or dist.is_initialized():
         return s
     if s.device.startswith("cuda"):
         s = replace(s, device=f"cuda:{os.environ['LOCAL_RANK']}")
@@ -1067,6 +1096,7 @@ def all_sum(tensors: list) -> None:
 def write_atomically(path: Path, write) -> None:
     """write(tmp) beside `path`, fsync, rename to `path`, fsync the folder: after a crash, old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a crash
     tmp.unlink(missing_ok=True)  # or a file
     write(tmp)
@@ -1090,8 +1120,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, update: int, policy: Policy, scheduler, pool: EnvPool, rng, keep: int) -> None:
-    """What RL changes: the adapter (PEFT's format), state.pt (tensors: value head, the scheduler and its optimizer,
-    torch generators) and envs.json (envs, numpy generators), of every rank; rank 0 writes; the newest `keep` stay."""
+    """What RL changes, every rank's: adapter (PEFT's format), state.pt (tensors), envs.json; the newest `keep` stay."""
     torch_rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [])
     ranks = gather(dict(pool=pool.state(), rng=rng.bit_generator.state, torch_rng=torch_rng))
     if rank_and_world()[0] > 0:
@@ -1124,8 +1153,7 @@ def damaged(path: Path, advice: str):
 
 
 def restore_checkpoint(run_dir: Path, policy: Policy, scheduler, pool: EnvPool, rng) -> tuple[int, dict, list[str]]:
-    """Put the latest checkpoint back (weights, optimizer, envs, generators); every file is read and checked before
-    the run folder is written to. Returns its update, results.json and the metrics lines up to it."""
+    """The latest checkpoint put back, every file checked before any is written: (update, results, metrics lines)."""
     latest, (rank, world) = run_dir / "latest", rank_and_world()
     name = latest.read_text().strip() if latest.is_file() else ""
     earlier = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.name < name)
@@ -1166,7 +1194,6 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     resuming = (run_dir / "latest").exists() or any(run_dir.glob("checkpoint-*"))
     if is_main and not resuming:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -1194,11 +1221,9 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     pool = EnvPool(task.env_id, s.num_envs // world, seeds)
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
-    start, results, lines = 1, {}, []
+    done, results, lines = restore_checkpoint(run_dir, policy, scheduler, pool, rng) if resuming else (0, {}, [])
     if resuming:
-        update, results, lines = restore_checkpoint(run_dir, policy, scheduler, pool, rng)
-        start = update + 1
-        log(f"resuming {run_dir} after update {update}")
+        log(f"resuming {run_dir} after update {done}")
     if is_main:
         write_text(metrics_path, "".join(line + "\n" for line in lines))
     if "warm_start" not in results:
@@ -1207,7 +1232,7 @@ def run(s: Settings, task, run_dir: Path) -> dict:
         if is_main:
             write_text(results_path, json.dumps(results, indent=1))
 
-    for update in range(start, num_updates + 1):
+    for update in range(done + 1, num_updates + 1):
         t0 = time.time()
         batch = rollout(policy, task, pool, s.num_steps, s.format_penalty, rng)
         rollout_seconds = time.time() - t0
@@ -1236,22 +1261,18 @@ def run(s: Settings, task, run_dir: Path) -> dict:
         write_text(results_path, json.dumps(results, indent=1))
         paper = task.paper["rl" if s.cot else "no_cot"]
         plot_curves(run_dir / "curve.png", {task.env_id: (run_dir, paper)}, task.env_id)
-        table = results_table(task, results)
-        write_text(run_dir / "results.md", table + "\n")
-        log(table)
+        rows = [task.env_id, "| policy | success % (95% CI) | mean return | format failures % | answers read right % | "
+                "thoughts true % | episodes |", "|---" * 7 + "|"]
+        rows += [f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
+                 f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {100 * r['read_right']:.1f} | "
+                 f"{100 * r['thought_right']:.1f} | {r['episodes']} |" for name, r in results.items()]
+        write_text(run_dir / "results.md", "\n".join(rows) + "\n")
+        log("\n".join(rows))
     return results
 
 
-LOGGED = ("success", "episodes", "mean_return", "format_fail", "approx_kl", "clipfrac", "optimizer_steps",
-          "explained_variance", "thought_entropy", "action_entropy", "distinct_thoughts")  # in each update's log line
-
-
-def results_table(task, results: dict) -> str:
-    rows = ["| policy | success % (95% CI) | mean return | format failures % | episodes |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        rows.append(f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
-                    f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {r['episodes']} |")
-    return f"{task.env_id}\n" + "\n".join(rows)
+LOGGED = ("success episodes mean_return format_fail read_right thought_right step_kl_max clipfrac optimizer_steps "
+          "undone_steps explained_variance thought_entropy action_entropy distinct_thoughts").split()
 
 
 def metrics(folder: Path) -> list[dict]:
@@ -1259,8 +1280,7 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def plot_curves(path: Path, runs: dict, title: str) -> None:
-    """Success rate against env steps, a line per run {name: (folder, the paper's % after RL or "")}, with the
-    run's warm-start level (dashed) and the paper's number (a triangle at the right edge). Pillow only."""
+    """Success against env steps, a line per run {name: (folder, the paper's % after RL or "")}; warm start dashed."""
     W, H, left, right, top, bottom = 800, 480, 60, 90, 50, 50
     img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
     d = ImageDraw.Draw(img)
@@ -1280,10 +1300,9 @@ def plot_curves(path: Path, runs: dict, title: str) -> None:
            fill="black", font=font, anchor="mm")
     legend = left + d.textlength(title + ": success rate     ", font=font)
     d.text((left, 14), f"{title}: success rate", fill="black", font=font)
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    for k, (name, (folder, paper)) in enumerate(runs.items()):
-        colour = colours[k % len(colours)]
-        warm = Y(json.loads((folder / "results.json").read_text())["warm_start"]["success"])
+    colours = itertools.cycle(["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"])
+    for (name, (folder, paper)), colour in zip(runs.items(), colours):
+        warm = Y(finished(folder)["warm_start"]["success"])
         for dash in range(left, round(X(xmax)) - 5, 12):
             d.line([(dash, warm), (dash + 6, warm)], fill=colour)
         points = [(X(x), Y(y)) for x, y in curves[name] if not math.isnan(y)]
@@ -1301,9 +1320,7 @@ def plot_curves(path: Path, runs: dict, title: str) -> None:
 # ---- Several runs (tasks, seeds, ablation variants), their tables, and the command line
 
 def run_many(s: Settings, tasks, run_dir: Path) -> dict:
-    """Each seed, task and variant in run_dir/seed<n>/<task>[-<variant>] (a finished run is read, another resumed),
-    `workers` at a time as child processes, or one after another in this one; then each seed's curves and the
-    tables (results.md and results.csv, or ablations.md)."""
+    """Each seed, task and variant in run_dir/seed<n>/<task>[-<variant>] (run, resumed or read), then curves, tables."""
     seeds, variants = s.seeds or [s.seed], ABLATIONS[s.ablations]
     runs = {}  # (task name, variant, seed) -> (task, folder, the run's settings)
     for seed, task, (name, change) in itertools.product(seeds, tasks, variants.items()):
@@ -1320,12 +1337,12 @@ def run_many(s: Settings, tasks, run_dir: Path) -> dict:
     if rank_and_world()[0] > 0:
         return results
     for seed in seeds:
-        plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", {f"{t.name} {name}".strip(): (
-            runs[t.name, name, seed][1], t.paper[PAPER[name]] if name in PAPER else "") for t in tasks
-            for name in variants}, f"seed {seed}")
+        curves = {f"{t.name} {name}".strip(): (runs[t.name, name, seed][1], t.paper.get(PAPER.get(name), ""))
+                  for t in tasks for name in variants}
+        plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", curves, f"seed {seed}")
     if s.ablations:
         rows = [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds],
-                 t.paper[PAPER[name]] if stage == "rl" and name in PAPER else "")
+                 t.paper.get(PAPER.get(name), "") if stage == "rl" else "")
                 for t in tasks for name in variants
                 for stage, label in (("warm_start", "warm start"), ("rl", "after RL"))]
         md = "\n".join(["Success % (paper: after RL)", ""] + seed_rows(rows, seeds))
@@ -1344,11 +1361,9 @@ def finished(folder: Path) -> dict:
 
 
 def run_children(runs: dict, workers: int, run_dir: Path) -> None:
-    """The runs {(task, variant, seed): (task, folder, settings)} as child processes, `workers` at a time, longest
-    first (the answer length bounds a run's time): each is `python rl4vlm.py --resume FOLDER`, its output in
-    FOLDER/log.txt. A line as each reaches a stage; a run that fails does not stop the others; Ctrl-C stops all."""
+    """The runs {key: (task, folder, settings)} as `rl4vlm.py --resume FOLDER` children, `workers` at a time."""
     waiting = sorted(runs, key=lambda key: -runs[key][2].max_new_tokens * runs[key][2].total_steps)
-    running, failed, t0 = {}, [], time.time()  # running: key -> [child, metrics lines read, warm start told]
+    running, told, failed, t0 = {}, dict.fromkeys(runs, 0), [], time.time()  # told: the stages said of each run
 
     def say(key, text):
         done = len(runs) - len(waiting) - len(running)
@@ -1360,28 +1375,28 @@ def run_children(runs: dict, workers: int, run_dir: Path) -> None:
                 key = waiting.pop(0)
                 _, folder, settings = runs[key]
                 if not (folder / "settings.json").exists():
-                    folder.mkdir(parents=True, exist_ok=True)
                     write_text(folder / "settings.json", json.dumps(asdict(settings), indent=1))
                 with open(folder / "log.txt", "a") as out:  # a session of its own: Ctrl-C reaches it through us
-                    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--resume", str(folder)],
-                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-                running[key] = [child, 0, False]
+                    running[key] = subprocess.Popen([sys.executable, Path(__file__).resolve(), "--resume", folder],
+                                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
                 say(key, "started")
             time.sleep(1)
-            for key, (child, *_) in list(running.items()):
-                for text in progress(runs[key][1], runs[key][2], running[key]):
-                    say(key, text)
-                if child.poll() is not None:
+            for key, child in list(running.items()):
+                if child.poll() is not None:  # done, then its last stages are said
                     del running[key]
-                    if child.returncode == 0:
-                        say(key, f"after RL: success {100 * finished(runs[key][1])['rl']['success']:.1f}%")
-                    else:
-                        failed.append(f"{label(key)} ({runs[key][1] / 'log.txt'}: {last_line(runs[key][1])})")
-                        say(key, f"failed (exit {child.returncode}): {last_line(runs[key][1])}")
+                stages = progress(*runs[key][1:])
+                for text in stages[told[key]:]:
+                    say(key, text)
+                told[key] = max(told[key], len(stages))  # a resumed run rewrites its metrics
+                if key not in running and child.returncode:
+                    tail = (runs[key][1] / "log.txt").read_text(errors="replace").strip().splitlines()
+                    why = tail[-1][:300] if tail else "(no output)"  # the error of a failed run
+                    failed.append(f"{label(key)} ({runs[key][1] / 'log.txt'}: {why})")
+                    say(key, f"failed (exit {child.returncode}): {why}")
     except KeyboardInterrupt:
-        for child, *_ in running.values():
+        for child in running.values():
             child.send_signal(signal.SIGINT)
-        for child, *_ in running.values():
+        for child in running.values():
             child.wait()
         raise
     if failed:
@@ -1393,25 +1408,15 @@ def label(key) -> str:
     return " ".join(filter(None, [key[0], key[1], f"seed {key[2]}"]))  # (task, variant, seed) -> "Points24 seed 1"
 
 
-def progress(folder: Path, s: Settings, seen: list) -> list[str]:
-    """The stages a run reached since `seen` ([child, metrics lines read, warm start told]) was updated."""
-    out, results = [], finished(folder)
-    if "warm_start" in results and not seen[2]:
-        seen[2] = True
-        out.append(f"warm start: success {100 * results['warm_start']['success']:.1f}%")
+def progress(folder: Path, s: Settings) -> list[str]:
+    """The stages a run has reached: the warm start's evaluation, each checkpointed update, the evaluation after RL."""
+    results, num_updates = finished(folder), max(1, s.total_steps // (s.num_envs * s.num_steps))
+    stages = [f"warm start: success {100 * results['warm_start']['success']:.1f}%"] if "warm_start" in results else []
     lines = (folder / "metrics.jsonl").read_text().split("\n")[:-1] if (folder / "metrics.jsonl").exists() else []
-    num_updates = max(1, s.total_steps // (s.num_envs * s.num_steps))
-    for m in map(json.loads, lines[min(seen[1], len(lines)):]):  # a resumed run rewrites its metrics
-        if m["update"] % s.checkpoint_every == 0 or m["update"] == num_updates:
-            out.append(f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "
-                       f"{m['format_fail']:.3f}, approx_kl {m['approx_kl']:.4f}")
-    seen[1] = len(lines)
-    return out
-
-
-def last_line(folder: Path) -> str:
-    lines = [line for line in (folder / "log.txt").read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "(no output)"  # the error of a failed run
+    stages += [f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "  # whole lines only
+               f"{m['format_fail']:.3f}, kept steps' approx_kl up to {m['step_kl_max']:.4f}"
+               for m in map(json.loads, lines) if m["update"] % s.checkpoint_every == 0 or m["update"] == num_updates]
+    return stages + ([f"after RL: success {100 * results['rl']['success']:.1f}%"] if "rl" in results else [])
 
 
 def seed_rows(rows, seeds) -> list[str]:
@@ -1432,21 +1437,25 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
             for t in tasks for stage, label, paper in stages]
     md = [f"Success % (seeds {', '.join(map(str, seeds))}; 500 held-out episodes a cell unless --eval-episodes "
           "says otherwise)", "", *seed_rows(rows, seeds), "",
-          "| task | greedy action = expert's: warm start | after RL | approx_kl median | approx_kl max |",
-          "|---|---|---|---|---|"]
-    csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,solvable,paper"]
+          "Warm start -> after RL, means over the seeds; the approx_kl of every kept PPO step and the undone ones:", "",
+          "| task | greedy action = expert's % | answers read right % | thoughts true % | format failures % | "
+          "approx_kl median | max | undone steps |", "|---" * 8 + "|"]
+    csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,read_right,thought_right,format_fail,solvable,"
+           "paper"]
     for t in tasks:
-        agree = [np.mean([results[t.name, seed][stage]["expert_match"] for seed in seeds]) for stage, *_ in stages]
-        kl = [m["approx_kl"] for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]  # every update
-        md.append(f"| {t.name} | {100 * agree[0]:.1f} | {100 * agree[1]:.1f} | {np.median(kl):.4f} | {max(kl):.4f} |")
+        mean = {k: [100 * np.mean([results[t.name, seed][stage][k] for seed in seeds]) for stage, *_ in stages]
+                for k in ("expert_match", "read_right", "thought_right", "format_fail")}
+        updates = [m for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]
+        kl = [kl for m in updates for kl in m["step_kls"]] or [math.nan]  # every kept step
+        md.append(f"| {t.name} | " + " | ".join("{:.1f} -> {:.1f}".format(*v) for v in mean.values())
+                  + f" | {np.median(kl):.4f} | {max(kl):.4f} | {sum(m['undone_steps'] for m in updates)} |")
         for seed, (stage, _, paper) in itertools.product(seeds, stages):
             r = results[t.name, seed][stage]
             csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},"
-                       f"{r['episodes']},{r['expert_match']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
-    for t in tasks:
-        if t.solvable:
-            share = np.mean([results[t.name, seed]["rl"]["solvable"] for seed in seeds])
-            md.append(f"\n{t.name}: {100 * share:.1f}% of the evaluated deals can be won at all.")
+                       f"{r['episodes']},{r['expert_match']:.4f},{r['read_right']:.4f},{r['thought_right']:.4f},"
+                       f"{r['format_fail']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
+    md += [f"\n{t.name}: {100 * np.mean([results[t.name, seed]['rl']['solvable'] for seed in seeds]):.1f}% of the "
+           "evaluated deals can be won at all." for t in tasks if t.solvable]
     pages = [f"[{t.name} seed {seed}, {stage}](seed{seed}/{t.name}/episodes-{stage}.md)" for t in tasks
              for seed in seeds for stage, *_ in stages
              if (run_dir / f"seed{seed}" / t.name / f"episodes-{stage}.md").exists()]
@@ -1459,9 +1468,6 @@ def main(argv=None) -> dict:
     run_dir = Path(s.resume) if s.resume else None
     if run_dir:  # the run's own settings; the command line only names the run
         s = Settings(**json.loads((run_dir / "settings.json").read_text()))
-    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun
-    if s.num_envs % world or s.minibatch_size % world:
-        fail(f"--num-envs and --minibatch-size are global: they must be multiples of the {world} ranks")
     s = init_distributed(s)
     tasks = tasks_of(s.env)
     started = gather(int(time.time()))[0]  # rank 0's clock names the run on every rank
@@ -1476,7 +1482,6 @@ def main(argv=None) -> dict:
         if len(tasks) == 1 and not s.seeds and not s.ablations:
             return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir)
         if rank_and_world()[0] == 0:  # several runs: run_dir/seed<n>/<task>, tables over them
-            run_dir.mkdir(parents=True, exist_ok=True)
             write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
         return run_many(s, tasks, run_dir)
     except KeyboardInterrupt:
