@@ -23,7 +23,7 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 SIZE = 300  # pictures are SIZE x SIZE RGB
 TABLE = "#35654d"  # green card table
@@ -125,13 +125,6 @@ def paint(image, x, y, kind, *args):
                                    anchor=anchor[0] if anchor else None)
 
 
-@functools.cache
-def blank(background):
-    pixels = np.asarray(Image.new("RGB", (SIZE, SIZE), background))
-    pixels.flags.writeable = False
-    return pixels
-
-
 @functools.lru_cache(maxsize=1024)
 def tile(background, kind, *args):
     """A sprite painted on its own over the background colour: (pixels (h, w, 3), left, top)."""
@@ -177,7 +170,7 @@ class GymCardsEnv(gym.Env):
 
     def render(self):
         """The picture, (SIZE, SIZE, 3) uint8, a new array each time."""
-        pixels = blank(self.background).copy()
+        pixels = np.full((SIZE, SIZE, 3), ImageColor.getrgb(self.background), np.uint8)
         for x, y, *sprite in self.sprites():
             tile_pixels, left, top = tile(self.background, *sprite)
             (h, w, _), x, y = tile_pixels.shape, x + left, y + top
@@ -582,13 +575,13 @@ TASKS = {task.env_id: task for task in (
          read=lambda info: {"current": info["Current"], "target": info["Target"]}, thought=number_line_thought,
          labels=lambda info: [info["Current"], info["Target"]], label_classes=(6, 6),
          expert=lambda info: None if info["Current"] == info["Target"] else int(info["Target"] > info["Current"]),
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=400, sft_expert=0.0),
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=600, sft_expert=0.0, kl_coef=0.1),
          paper=dict(rl=89.4, no_cot=26.9, sft=24.8)),
     points_task("gym_cards/EZPoints-v0", EZPointsEnv, "both card values", "", "<value>, <value>",
-                dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=1200, sft_expert=0.7),
+                dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=1200, sft_expert=0.7, kl_coef=0.1),
                 paper=dict(rl=50.0, no_cot=29.9, sft=23.0)),
     points_task("gym_cards/Points24-v0", Points24Env, "all four card values", ", an ace 1", "<4 values>",
-                dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_expert=0.5),
+                dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_expert=0.5, kl_coef=0.1),
                 paper=dict(rl=2.3, no_cot=0.0, sft=2.6), solvable=lambda info: points24_solvable(info["Numbers"])),
     Task("gym_cards/Blackjack-v0", BlackjackEnv,
          "Get closer to 21 than the dealer without going over; J, Q, K count as 10, an ace 1 or 11.",
@@ -596,7 +589,7 @@ TASKS = {task.env_id: task for task in (
          read=lambda info: {"dealer": info["Dealer"][0], "player": hand_total(info["Player"])[0]},
          labels=lambda info: [info["Dealer"][0] - 1, *hand_total(info["Player"])],
          label_classes=(10, 32, 2), expert=blackjack_expert,
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=600, sft_expert=0.0),
+         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=3600, sft_expert=0.0, kl_coef=0.3),
          paper=dict(rl=40.2, no_cot=40.4, sft=23.1)),
 )}
 

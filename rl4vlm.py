@@ -88,7 +88,7 @@ class Settings:
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int, check="> 0")
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action", check=">= 0")
     target_kl: float = _opt(0.05, "no PPO step may take a minibatch's approx_kl past this (0: no limit)", check=">= 0")
-    kl_coef: float = _opt(0.1, "weight of a KL penalty toward the warm-started policy (the adapters off)", check=">= 0")
+    kl_coef: float = _opt(None, "weight of a KL penalty toward the warm start (default: the task's)", check=">= 0")
     backtrack: int = _opt(4, "a step past target_kl is retried at half the length this many times", check=">= 0")
 
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
@@ -669,6 +669,7 @@ def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
     params = [p for p in policy.model.parameters() if p.requires_grad]
     params += [p for head in heads.values() for p in head.parameters()]
     opt = torch.optim.AdamW(params, lr=s.sft_lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.sft_steps)  # to 0 at the last step
     policy.model.train()
     t0 = time.time()
     for step, batch in zip(range(1, s.sft_steps + 1), itertools.chain([first], batches)):
@@ -679,6 +680,7 @@ def warm_start(policy: Policy, task, s: Settings, aux: bool, rng, log) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         opt.step()
+        decay.step()
         if step % 50 == 0 or step == s.sft_steps:
             rate = step / (time.time() - t0)
             log(f"warm start {step}/{s.sft_steps}  " + "".join(f"{k} {v:.3f}  " for k, v in stats.items())

@@ -1654,6 +1654,15 @@ def test_warm_start_learns_the_answers_of_an_sft_data_file(llava, tmp_path):
         assert text.strip() == row["answer"]
 
 
+def test_the_warm_start_learning_rate_falls_to_0_on_a_cosine(llava, tmp_path, monkeypatch):
+    """Step k of n (from 1) runs at sft_lr * (1 + cos(pi (k - 1) / n)) / 2, so the last steps barely move the model."""
+    s, task = settings(sft_data=str(write_sft_data(tmp_path / "data", n=2)), sft_steps=4, sft_batch=2, sft_lr=1e-2)
+    rates, adamw_step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda opt: (rates.append(opt.param_groups[0]["lr"]), adamw_step(opt)))
+    rl4vlm.warm_start(rl4vlm.load_policy(str(llava), "cpu"), task, s, False, np.random.default_rng(0), lambda *a: None)
+    assert rates == pytest.approx([1e-2, 1e-2 * (1 + 2 ** -0.5) / 2, 1e-2 / 2, 1e-2 * (1 - 2 ** -0.5) / 2], rel=1e-9)
+
+
 def test_a_run_warm_started_on_an_sft_data_file(llava, tmp_path):
     data = write_sft_data(tmp_path / "data")
     rl4vlm.main(fast_args(llava, tmp_path, "--sft-data", str(data), "--run-name", "sft"))
