@@ -23,7 +23,7 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from PIL import Image, ImageColor, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 300  # pictures are SIZE x SIZE RGB
 TABLE = "#35654d"  # green card table
@@ -125,6 +125,11 @@ def paint(image, x, y, kind, *args):
                                    anchor=anchor[0] if anchor else None)
 
 
+@functools.cache
+def blank(background):
+    return np.asarray(Image.new("RGB", (SIZE, SIZE), background))  # read-only: every picture copies it
+
+
 @functools.lru_cache(maxsize=1024)
 def tile(background, kind, *args):
     """A sprite painted on its own over the background colour: (pixels (h, w, 3), left, top)."""
@@ -170,7 +175,7 @@ class GymCardsEnv(gym.Env):
 
     def render(self):
         """The picture, (SIZE, SIZE, 3) uint8, a new array each time."""
-        pixels = np.full((SIZE, SIZE, 3), ImageColor.getrgb(self.background), np.uint8)
+        pixels = blank(self.background).copy()
         for x, y, *sprite in self.sprites():
             tile_pixels, left, top = tile(self.background, *sprite)
             (h, w, _), x, y = tile_pixels.shape, x + left, y + top
