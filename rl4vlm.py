@@ -88,7 +88,7 @@ class Settings:
     max_new_tokens: int = _opt(None, "longest answer sampled (default: the task's)", int, check="> 0")
     format_penalty: float = _opt(0.0, "subtracted from the reward when the text names no legal action", check=">= 0")
     target_kl: float = _opt(0.05, "no PPO step may take a minibatch's approx_kl past this (0: no limit)", check=">= 0")
-    kl_coef: float = _opt(None, "weight of a KL penalty toward the warm start (default: the task's)", check=">= 0")
+    kl_coef: float = _opt(None, "weight of a KL penalty toward the warm start (default: task's)", float, check=">= 0")
     backtrack: int = _opt(4, "a step past target_kl is retried at half the length this many times", check=">= 0")
 
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
