@@ -1,7 +1,8 @@
 """Speed of rl4vlm on the built-in model, against a paper-style loop; checks that say PASS or FAIL.
 
     python bench.py                 # tables on stdout, numbers in bench.json; exit 1 if a check fails
-    python bench.py --experts       # the experts' and random actions' success, Points24 solvability
+    python bench.py --experts       # the experts' and random actions' success, Points24 solvability, and
+                                    # the Blackjack expert on the evaluation deals of run seeds 1-6
     python bench.py --pictures DIR  # a sample picture of each task (300 px, and shrunk to 96 and 64 px)
     python bench.py --gpu           # the real-model path on CUDA in bfloat16, a few minutes (see gpu())
 
@@ -143,6 +144,11 @@ def experts(episodes, seed):
     print(f"Points24: solvable share {np.mean(played):.4f} of the deals played, {share:.4f} of all {len(deals)} deals")
     _, expected, win = envs.blackjack_optimum()
     print(f"Blackjack: best fixed policy (DP) wins {win:.4f}, expected return {expected:.4f}")
+    task, env = envs.get_task("blackjack"), envs.get_task("blackjack").env_class()
+    for run_seed in range(1, 7):  # each deal reset on its own seed, as rl4vlm's evaluation deals it
+        deals = rl4vlm.stream("eval", run_seed)[:rl4vlm.Settings().eval_episodes]
+        won = [envs.is_success(sum(expert_returns(task, 1, deal))) for deal in deals]
+        print(f"Blackjack: the expert wins {np.mean(won):.4f} of run seed {run_seed}'s {len(deals)} evaluation deals")
 
 
 def pictures(folder, seed):
