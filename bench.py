@@ -144,7 +144,7 @@ def experts(episodes, seed):
     print(f"Points24: solvable share {np.mean(played):.4f} of the deals played, {share:.4f} of all {len(deals)} deals")
     _, expected, win = envs.blackjack_optimum()
     print(f"Blackjack: best fixed policy (DP) wins {win:.4f}, expected return {expected:.4f}")
-    task, env = envs.get_task("blackjack"), envs.get_task("blackjack").env_class()
+    task = envs.get_task("blackjack")
     for run_seed in range(1, 7):  # each deal reset on its own seed, as rl4vlm's evaluation deals it
         deals = rl4vlm.stream("eval", run_seed)[:rl4vlm.Settings().eval_episodes]
         won = [envs.is_success(sum(expert_returns(task, 1, deal))) for deal in deals]
