@@ -1942,11 +1942,15 @@ def check_recorded(rows, results):
 
 
 @pytest.mark.parametrize("keep", [1, 2, 4])
-def test_the_newest_keep_checkpoints_stay(cache, tmp_path, keep):
-    rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "r", "--checkpoint-every",
-                        "1", "--keep-checkpoints", str(keep), "--no-episodes"])
-    names = [f"checkpoint-{k:05d}" for k in (1, 2, 3)][-keep:]  # 4 keeps all three (it deleted one before)
-    assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint-*")) == names
+def test_the_newest_keep_checkpoints_stay(base_policy, tmp_path, keep):
+    scheduler = torch.optim.lr_scheduler.ConstantLR(torch.optim.AdamW(base_policy.value_head.parameters()))
+    pool, rng = rl4vlm.EnvPool("gym_cards/NumberLine-v0", 1, range(3)), np.random.default_rng(0)
+    (tmp_path / "checkpoint-00009").mkdir()  # of an abandoned future (a resume from 3 wrote 4 on): deleted
+    for update in (1, 2, 3):
+        rl4vlm.save_checkpoint(tmp_path, update, base_policy, scheduler, pool, rng, keep)
+    names = [f"checkpoint-{k:05d}" for k in (1, 2, 3)][-keep:]  # 4 keeps all three
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == names
+    assert (tmp_path / "latest").read_text() == "checkpoint-00003"
 
 
 def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sigkill(cache, tmp_path, monkeypatch):
