@@ -74,7 +74,8 @@ def on_path_checks(policy, task, n=400):
     while len(states) < n:
         (obs, info), done = env.reset(seed=seed), False
         seed += 1
-        while not done and len(states) < n and envs.points_plan(task.actions, 24, info) is not None:
+        # rl4vlm.expert_match's walk, kept here for the per-state columns it does not return; stops at a dead end
+        while not done and len(states) < n and envs.points_plan(task.actions, task.env_class.target, info):
             expert = task.expert(info)
             states.append((obs, info, expert))
             obs, _, terminated, truncated, info = env.step(expert)
@@ -111,7 +112,7 @@ def main():
     task = envs.TASKS[ID]
     expert = task.expert
     if a.dead_end == "equals":  # one -1 and the deal ends, the most a dead end can return
-        expert = lambda info, base=task.expert: task.actions.index("=") if base(info) is None else base(info)
+        expert = lambda info, base=task.expert: e if (e := base(info)) is not None else task.actions.index("=")
     thought = thought_of(a.format, task.actions, task.env_class.target)
     task = envs.TASKS[ID] = dataclasses.replace(task, thought=thought, expert=expert)
     name = f"{a.format}-w{a.width}-l{a.layers}-s{a.sft_steps}-e{a.sft_expert}-f{a.sft_follow}-{a.dead_end}-seed{a.seed}"
