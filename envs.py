@@ -430,11 +430,10 @@ def points_plan(actions, target, info):
 
 
 def points_expert(actions, target, info):
-    """The plan's next entry, "=" once the plan is written, None where no plan exists."""
+    """The plan's next entry, "=" once the plan is written, and "=" in a dead end (no plan left): no move can win
+    there, and ending the deal costs the least, one -1."""
     plan, written = points_plan(actions, target, info), len(info["Formula"])
-    if plan is None:
-        return None
-    return actions.index(plan[written] if len(plan) > written else "=")
+    return actions.index(plan[written] if plan and len(plan) > written else "=")
 
 
 def add_card(total, usable, card):
@@ -550,11 +549,12 @@ def number_line_thought(info):
 
 
 def points_thought(actions, target, info):
-    """The plan the expert follows and what is left of it to write: `plan: 2 * 6, to write: * 6`."""
-    plan = points_plan(actions, target, info)
+    """The cards in order, the plan the expert follows and what is left of it to write: `sorted: 2 6, plan: 2 * 6,
+    to write: * 6`. Sorted, the cards line up with the plan, which takes them in order (docs/points24-study.md)."""
+    plan, cards = points_plan(actions, target, info), f"sorted: {' '.join(map(str, sorted(info['Numbers'])))}, "
     if plan is None:
-        return "plan: none, to write: ="  # a dead end: every move from here loses
-    return f"plan: {' '.join(plan)}, to write: {' '.join(plan[len(info['Formula']):] or ('=',))}"
+        return cards + "plan: none, to write: ="  # a dead end: every move from here loses
+    return cards + f"plan: {' '.join(plan)}, to write: {' '.join(plan[len(info['Formula']):] or ('=',))}"
 
 
 def blackjack_thought(info):
@@ -580,13 +580,13 @@ TASKS = {task.env_id: task for task in (
          read=lambda info: {"current": info["Current"], "target": info["Target"]}, thought=number_line_thought,
          labels=lambda info: [info["Current"], info["Target"]], label_classes=(6, 6),
          expert=lambda info: None if info["Current"] == info["Target"] else int(info["Target"] > info["Current"]),
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=24, sft_steps=600, sft_expert=0.0, kl_coef=0.1),
+         defaults=dict(num_steps=16, max_new_tokens=24, sft_steps=600, sft_expert=0.0, sft_follow=0.75, kl_coef=0.1),
          paper=dict(rl=89.4, no_cot=26.9, sft=24.8)),
     points_task("gym_cards/EZPoints-v0", EZPointsEnv, "both card values", "", "<value>, <value>",
-                dict(num_steps=16, total_steps=15360, max_new_tokens=48, sft_steps=1200, sft_expert=0.7, kl_coef=0.1),
+                dict(num_steps=16, max_new_tokens=48, sft_steps=1200, sft_expert=0.7, sft_follow=0.75, kl_coef=0.1),
                 paper=dict(rl=50.0, no_cot=29.9, sft=23.0)),
     points_task("gym_cards/Points24-v0", Points24Env, "all four card values", ", an ace 1", "<4 values>",
-                dict(num_steps=32, total_steps=15360, max_new_tokens=64, sft_steps=600, sft_expert=0.5, kl_coef=0.1),
+                dict(num_steps=32, max_new_tokens=72, sft_steps=2400, sft_expert=1.0, sft_follow=1.0, kl_coef=0.1),
                 paper=dict(rl=2.3, no_cot=0.0, sft=2.6), solvable=lambda info: points24_solvable(info["Numbers"])),
     Task("gym_cards/Blackjack-v0", BlackjackEnv,
          "Get closer to 21 than the dealer without going over; J, Q, K count as 10, an ace 1 or 11.",
@@ -594,7 +594,7 @@ TASKS = {task.env_id: task for task in (
          read=lambda info: {"dealer": info["Dealer"][0], "player": hand_total(info["Player"])[0]},
          labels=lambda info: [info["Dealer"][0] - 1, *hand_total(info["Player"])],
          label_classes=(10, 32, 2), expert=blackjack_expert,
-         defaults=dict(num_steps=16, total_steps=15360, max_new_tokens=32, sft_steps=3600, sft_expert=0.0, kl_coef=0.3),
+         defaults=dict(num_steps=16, max_new_tokens=32, sft_steps=3600, sft_expert=0.0, sft_follow=0.75, kl_coef=0.3),
          paper=dict(rl=40.2, no_cot=40.4, sft=23.1)),
 )}
 

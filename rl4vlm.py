@@ -93,7 +93,7 @@ class Settings:
 
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
     num_steps: int = _opt(None, "steps per env per update (default: the task's)", int, check="> 0")
-    total_steps: int = _opt(None, "env steps of RL in all (default: the task's)", int, check="> 0")
+    total_steps: int = _opt(15360, "env steps of RL in all", check="> 0")
 
     gamma: float = _opt(0.9, "discount", check="in [0, 1]")
     gae_lambda: float = _opt(0.95, "GAE lambda", check="in [0, 1]")
@@ -115,7 +115,7 @@ class Settings:
     sft_batch: int = _opt(32, "warm-start batch size", check="> 0")
     sft_lr: float = _opt(1e-3, "warm-start learning rate", check="> 0")
     sft_expert: float = _opt(None, "expert's share of warm-start actions (default: task's)", float, check="in [0, 1]")
-    sft_follow: float = _opt(0.75, "expert's share of moves in the play of the warm start", check="in [0, 1]")
+    sft_follow: float = _opt(None, "expert's share of warm-start moves (default: task's)", float, check="in [0, 1]")
     sft_data: str = _opt("", 'warm start on a JSONL file of {"image": path, "prompt": ..., "answer": ...} lines')
     aux_loss: str = _opt("auto", "perception loss (auto: built-in model, no --sft-data)", check=("auto", "on", "off"))
     ablations: str = _opt("", "cot (with and without CoT) or lambda (thought_coef 0, 0.5, 1)", check=tuple(ABLATIONS))

@@ -853,8 +853,9 @@ def test_points_expert_follows_a_solution_prefix():
         info["Formula"].append(actions[a])
         moves.append(actions[a])
     assert envs.formula_value("".join(moves)) == 24 and actions[a] == "="
-    assert expert({"Numbers": [4, 6, 1, 1], "Formula": ["(", "("]}) is None
-    assert expert({"Numbers": [1, 1, 1, 1], "Formula": []}) is None, "no expert move on an unsolvable deal"
+    # a dead end, and an unsolvable deal: no move wins, "=" ends the deal at one -1 (any other path ends at -1 or less)
+    assert actions[expert({"Numbers": [4, 6, 1, 1], "Formula": ["(", "("]})] == "="
+    assert actions[expert({"Numbers": [1, 1, 1, 1], "Formula": []})] == "="
     assert envs.get_task("ezpoints").expert({"Numbers": [6, 6], "Formula": ["6", "+", "6"]}) == 12  # "="
 
 
@@ -1008,8 +1009,8 @@ def test_answers_read_the_state_truly():
     assert json.loads(nl.answer({"Target": 4, "Current": 2}, 1, True)) == {
         "current": 2, "target": 4, "thoughts": "target is above current", "action": "+"}
     info = {"Cards": ["2S", "KH"], "Numbers": [2, 10], "Formula": ["2", "+"]}
-    assert json.loads(ez.answer(info, 9, True)) == {"cards": [2, 10], "formula": "2 +", "thoughts": "plan: 2 + 10, to write: 10",
-                                                    "action": "10"}
+    assert json.loads(ez.answer(info, 9, True)) == {"cards": [2, 10], "formula": "2 +",
+                                                    "thoughts": "sorted: 2 10, plan: 2 + 10, to write: 10", "action": "10"}
     assert ez.labels(info) == [1, 9]
     info = {"Dealer": [1, 10], "Player": [1, 6]}
     assert json.loads(bj.answer(info, 0, True)) == {"dealer": 1, "player": 17, "thoughts": "soft 17 against 1", "action": "stand"}
@@ -1020,15 +1021,15 @@ def test_points_thoughts_state_the_plan_and_what_is_left_of_it():
     ez, p24 = envs.get_task("ezpoints"), envs.get_task("points24")
     cards = lambda numbers, *formula: {"Numbers": numbers, "Formula": list(formula)}
     # the first solution, shortest then in entry order, that continues the formula: 2 * 6 before 6 * 2
-    assert ez.thought(cards([6, 2])) == "plan: 2 * 6, to write: 2 * 6"
-    assert ez.thought(cards([6, 2], "6")) == "plan: 6 * 2, to write: * 2"
-    assert ez.thought(cards([6, 2], "2", "*", "6")) == "plan: 2 * 6, to write: ="
-    assert ez.thought(cards([6, 2], "2", "+")) == "plan: none, to write: ="   # a dead end
-    assert ez.thought(cards([6, 2], " ")) == "plan: none, to write: ="       # an illegal number left a blank
-    # the expert writes the plan's next entry, "=" once it is written, nothing in a dead end
-    assert [ez.expert(cards([6, 2], *f)) for f in ([], ["6"], ["2", "*", "6"], ["2", "+"])] == [1, 11, 12, None]
-    assert p24.thought(cards([1, 2, 3, 4])) == "plan: 1 * 2 * 3 * 4, to write: 1 * 2 * 3 * 4"
-    assert p24.thought(cards([1, 1, 1, 1])) == "plan: none, to write: ="      # no solution at all
+    assert ez.thought(cards([6, 2])) == "sorted: 2 6, plan: 2 * 6, to write: 2 * 6"
+    assert ez.thought(cards([6, 2], "6")) == "sorted: 2 6, plan: 6 * 2, to write: * 2"
+    assert ez.thought(cards([6, 2], "2", "*", "6")) == "sorted: 2 6, plan: 2 * 6, to write: ="
+    assert ez.thought(cards([6, 2], "2", "+")) == "sorted: 2 6, plan: none, to write: ="   # a dead end
+    assert ez.thought(cards([6, 2], " ")) == "sorted: 2 6, plan: none, to write: ="       # a blank from an illegal number
+    # the expert writes the plan's next entry, "=" once it is written, "=" in a dead end (12: "=")
+    assert [ez.expert(cards([6, 2], *f)) for f in ([], ["6"], ["2", "*", "6"], ["2", "+"])] == [1, 11, 12, 12]
+    assert p24.thought(cards([4, 1, 3, 2])) == "sorted: 1 2 3 4, plan: 1 * 2 * 3 * 4, to write: 1 * 2 * 3 * 4"
+    assert p24.thought(cards([1, 1, 1, 1])) == "sorted: 1 1 1 1, plan: none, to write: ="  # no solution at all
 
 
 def test_warm_start_actions_follow_the_expert_at_the_share_given():
@@ -1910,24 +1911,24 @@ def test_wilson_interval():
 # The FAST run of seed 1 (one thread), as recorded on this project's CPU machines: per update (counts and shares,
 # losses and KL), then the evaluations. These are the numbers the method computes, so a change that moves them
 # changes what a run learns: record them again only when that is the change's purpose, and say so.
-RECORDED_UPDATES = [  # recorded again for issue 23: the warm start's learning rate decays to 0 on a cosine
-    (dict(episodes=1, success=1.0, mean_return=1.0, format_fail=1.0, optimizer_steps=3, undone_steps=1, read_right=0.0,
-          thought_right=0.1875, action_share={"-": 0.6875, "+": 0.3125}),
-     dict(approx_kl=0.01858914, clipfrac=0.375, policy_loss=-0.02035845, value_loss=1.311845, grad_norm=6.423574,
-          step_kl_max=0.02920739, warm_kl=0.002687854)),
-    (dict(episodes=1, success=0.0, mean_return=-3.0, format_fail=1.0, optimizer_steps=5, undone_steps=0, read_right=0.0,
-          thought_right=0.125, action_share={"-": 0.375, "+": 0.625}),
-     dict(approx_kl=0.02642843, clipfrac=0.4583333, policy_loss=-0.02960346, value_loss=1.126593, grad_norm=6.016302,
-          step_kl_max=0.04372028, warm_kl=0.007899007)),
+RECORDED_UPDATES = [  # recorded again for issue 24: the Points thoughts (cards sorted) change the tokenizer's corpus
+    (dict(episodes=1, success=1.0, mean_return=1.0, format_fail=1.0, optimizer_steps=3, undone_steps=2, read_right=0.0,
+          thought_right=0.3125, action_share={"-": 0.6875, "+": 0.3125}),
+     dict(approx_kl=0.01965257, clipfrac=0.3125, policy_loss=-0.02438132, value_loss=1.305113, grad_norm=6.245492,
+          step_kl_max=0.03387573, warm_kl=0.002715958)),
+    (dict(episodes=1, success=0.0, mean_return=-3.0, format_fail=1.0, optimizer_steps=5, undone_steps=1, read_right=0.0,
+          thought_right=0.25, action_share={"-": 0.375, "+": 0.625}),
+     dict(approx_kl=0.02339676, clipfrac=0.5, policy_loss=-0.04157470, value_loss=1.090551, grad_norm=4.815788,
+          step_kl_max=0.04462457, warm_kl=0.01010571)),
     (dict(episodes=3, success=0.0, mean_return=-4.666666666666667, format_fail=1.0, optimizer_steps=8, undone_steps=0,
-          read_right=0.0, thought_right=0.0, action_share={"-": 0.6875, "+": 0.3125}),
-     dict(approx_kl=0.006875047, clipfrac=0.28125, policy_loss=-0.04291091, value_loss=0.4560627, grad_norm=5.255635,
-          step_kl_max=0.02805770, warm_kl=0.009390225)),
+          read_right=0.0, thought_right=0.4375, action_share={"-": 0.6875, "+": 0.3125}),
+     dict(approx_kl=0.004669712, clipfrac=0.3125, policy_loss=-0.03574376, value_loss=0.4174798, grad_norm=5.855754,
+          step_kl_max=0.01487857, warm_kl=0.009409771)),
 ]
 RECORDED_RESULTS = {
-    "warm_start": dict(success=0.25, mean_return=-4.25, format_fail=0.967741935483871, read_right=0.0,
-                       thought_right=0.25806451612903225, expert_match=0.0),
-    "rl": dict(success=0.25, mean_return=-1.5, format_fail=1.0, read_right=0.0, thought_right=0.3684210526315789,
+    "warm_start": dict(success=0.25, mean_return=-1.5, format_fail=1.0, read_right=0.0,
+                       thought_right=0.5789473684210527, expert_match=0.0),
+    "rl": dict(success=0.25, mean_return=-1.5, format_fail=1.0, read_right=0.0, thought_right=0.5789473684210527,
                expert_match=0.0)}
 
 
@@ -2050,8 +2051,9 @@ def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, tw
     assert max(float((a - b).abs().max()) for a, b in zip(rank0["weights"], after)) < 1e-6
     assert not all(torch.equal(a, b) for a, b in zip(before, after)) and stats["optimizer_steps"] == 4
     assert rank0["stats"] == rank1["stats"]
+    # a step's KL is a float32 mean over many tokens: summed in another order on two ranks, it moved by 1.01e-6 here
     bad = {k: (v, rank0["stats"][k]) for k, v in stats.items()
-           if rank0["stats"][k] != pytest.approx(v, rel=1e-5, abs=1e-6)}
+           if rank0["stats"][k] != pytest.approx(v, rel=1e-5, abs=2e-6)}
     assert not bad, bad
 
 
