@@ -550,7 +550,7 @@ def number_line_thought(info):
 
 def points_thought(actions, target, info):
     """The cards in order, the plan the expert follows and what is left of it to write: `sorted: 2 6, plan: 2 * 6,
-    to write: * 6`. Sorted, the cards line up with the plan, which takes them in order (docs/points24-study.md)."""
+    to write: * 6`. Sorted first, the cards help the plans get learnt (measured: docs/points24-study.md)."""
     plan, cards = points_plan(actions, target, info), f"sorted: {' '.join(map(str, sorted(info['Numbers'])))}, "
     if plan is None:
         return cards + "plan: none, to write: ="  # a dead end: every move from here loses

@@ -6,10 +6,12 @@ stay as they are. One thread; OUT holds a cache per format, size and dead-end ru
     python docs/points24_study.py --format sorted --width 128 --layers 2 --sft-steps 3000 --sft-follow 1 --seed 1
 
 Formats of the thought (the read fields and the action stay the same):
-    plan    today's:              plan: 10 * 4 - 7 - 9, to write: - 7 - 9
-    sorted  the cards sorted:     sorted: 4 7 9 10, plan: ..., to write: ...
+    plan    the first:            plan: 10 * 4 - 7 - 9, to write: - 7 - 9
+    sorted  the cards sorted:     sorted: 4 7 9 10, plan: ..., to write: ...   (envs.py's since commit b671ae8)
     pairs   and the plan's steps: sorted: 4 7 9 10, steps: 10 * 4 = 40; 40 - 7 = 33; 33 - 9 = 24, plan: ..., ...
---dead-end: the warm start's move where the deal can no longer be won: random (today's) or "=" (ends the deal).
+--dead-end: the warm start's move where the deal can no longer be won: random (before b671ae8) or "=" (ends the deal,
+envs.py's since). The rows in docs/points24-study.md were measured at commit 8986a3e, when EZPoints' thoughts were
+unsorted; its texts are in the built-in tokenizer's corpus, so this code gives other numbers for the same command.
 Prints one JSON row (appended to OUT/rows.jsonl): minutes per 1,000 warm-start steps, wins over --episodes held-out
 deals (sampled as in training), and on 400 states of the expert's path through held-out deals the greedy answer's
 action = the expert's, its thought = the true one (overall and at the first step), all four cards read right.
@@ -56,10 +58,10 @@ def steps_of(plan):
 
 def thought_of(form, actions, target):
     def thought(info):
-        if form == "plan":
-            return envs.points_thought(actions, target, info)
+        if form == "sorted":
+            return envs.points_thought(actions, target, info)  # the code's since commit b671ae8
         plan = envs.points_plan(actions, target, info)
-        head = f"sorted: {' '.join(map(str, sorted(info['Numbers'])))}, "
+        head = f"sorted: {' '.join(map(str, sorted(info['Numbers'])))}, " if form == "pairs" else ""
         if plan is None:
             return head + "plan: none, to write: ="
         rest = f"plan: {' '.join(plan)}, to write: {' '.join(plan[len(info['Formula']):] or ('=',))}"
@@ -103,16 +105,17 @@ def main():
     p.add_argument("--sft-expert", type=float, default=1.0)
     p.add_argument("--sft-follow", type=float, default=0.75, help="the expert's share of the warm start's moves")
     p.add_argument("--dead-end", default="random", choices=("random", "equals"),
-                   help="the warm start's action where no plan is left: random (today's) or = (ends the deal)")
+                   help="the warm start's move where no plan is left: random (before b671ae8) or = (ends the deal)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--episodes", type=int, default=200, help="held-out deals played")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the task's (pairs needs about 112)")
     p.add_argument("--out", default="runs/points24-study", help="caches, pages of episodes, rows.jsonl")
     a = p.parse_args()
     task = envs.TASKS[ID]
-    expert = task.expert
-    if a.dead_end == "equals":  # one -1 and the deal ends, the most a dead end can return
-        expert = lambda info, base=task.expert: e if (e := base(info)) is not None else task.actions.index("=")
+    expert = task.expert  # "=" in a dead end (one -1 and the deal ends, the most a dead end can return)
+    if a.dead_end == "random":  # no expert move there, so a random one: the code's before commit b671ae8
+        target = task.env_class.target
+        expert = lambda info, base=task.expert: base(info) if envs.points_plan(task.actions, target, info) else None
     thought = thought_of(a.format, task.actions, task.env_class.target)
     task = envs.TASKS[ID] = dataclasses.replace(task, thought=thought, expert=expert)
     name = f"{a.format}-w{a.width}-l{a.layers}-s{a.sft_steps}-e{a.sft_expert}-f{a.sft_follow}-{a.dead_end}-seed{a.seed}"
