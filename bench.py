@@ -167,13 +167,62 @@ def pictures(folder, seed):
         print(f"{task.name}: {info}")
 
 
+def bpe_tokenizer(specials, add_bos=False, **special_tokens):
+    """A byte-level BPE tokenizer trained on the tasks' text, with `specials` as special tokens, for the tiny models of
+    other families (build_gemma3 here, the others in test_all.py); with add_bos it puts BOS before every text, as
+    Llama's and Gemma's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(rl4vlm.task_corpus(0, episodes=3), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if add_bos:
+        bos = special_tokens["bos_token"]
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bpe.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, padding_side="left", **special_tokens)
+
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def build_gemma3(folder):
+    """Gemma3: SigLIP vision tower, pooled projector, token_type_ids for bidirectional attention
+    over the image, a turn that ends in <end_of_turn> while the tokenizer's EOS is <eos>."""
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
+                              Gemma3TextConfig, SiglipVisionConfig)
+    tok = bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                         "<end_of_image>", "<image_soft_token>"], add_bos=True,
+                        pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                              "image_token": "<image_soft_token>", "sot_token": "<start_of_turn>",
+                                              "eot_token": "<end_of_turn>"})
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
+                "else m['role']) + '\n' }}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<start_of_image>' }}"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<end_of_turn>\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+    px, patch, tokens = 32, 8, 4
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(**TINY, image_size=px, patch_size=patch),
+        text_config=Gemma3TextConfig(**TINY, num_key_value_heads=1, head_dim=16, vocab_size=len(tok), sliding_window=16,
+                                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=stop),
+        mm_tokens_per_image=tokens, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id)
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": px, "width": px}),
+                                tokenizer=tok, image_seq_length=tokens, chat_template=template)
+    model = Gemma3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = stop  # as the hub checkpoints have it
+    return model, processor
+
+
 def gpu(device, folder):
     """The GPU path, end to end in bfloat16: the built-in model and a tiny Gemma3 (random weights, built from a
-    config as the tests build it) each through a warm start, two updates and evaluation, and the built-in under a
+    config by build_gemma3, as the tests build it) each through a warm start, two updates and evaluation, and the built-in under a
     one-GPU torchrun (NCCL), each with its peak GPU memory; then, in this process, the peak memory of a rollout at
     32 envs, the first epoch's |log ratio| (the update's forward against sampling's) and a check that evaluation
     leaves the GPU's generator where it was. --device cpu runs the same on the CPU (gloo), to try it anywhere."""
-    from test_all import build_gemma3  # the tests' tiny Gemma3
     folder = Path(folder).resolve()
     if not (folder / "gemma3" / "config.json").exists():
         torch.manual_seed(0)
@@ -213,7 +262,7 @@ def gpu(device, folder):
     print(f"\nbuilt-in with cached models against built-in that built them: largest difference in {keys}: {gap:.3g}")
 
     task = envs.get_task("numberline")
-    s = rl4vlm.with_task_defaults(rl4vlm.parse_settings(common), task)
+    s = task.with_defaults(rl4vlm.parse_settings(common))
     torch.manual_seed(s.seed)
     policy = rl4vlm.warm_started_policy(s, task, lambda *a: None)  # the built-in run's, from the cache
     rl4vlm.add_trainable(policy, s)
@@ -262,7 +311,7 @@ def main():
         return experts(args.episodes, args.seed) if args.experts else pictures(args.pictures, args.seed)
 
     task = envs.get_task("numberline")
-    s = rl4vlm.with_task_defaults(rl4vlm.Settings(), task)
+    s = task.with_defaults(rl4vlm.Settings())
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     policy = rl4vlm.warm_started_policy(s, task, print)

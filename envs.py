@@ -16,7 +16,7 @@ import json
 import math
 import operator
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from typing import Callable
 
@@ -523,6 +523,10 @@ class Task:
         fields = f'{self.read_spec}, "thoughts": "...", ' if cot else ""
         return (f"You are playing {self.name}. {self.goal} {self.context(info)}Legal actions: {legal}. "
                 f'Answer in JSON: {{{fields}"action": "<legal action>"}}')
+
+    def with_defaults(self, s):
+        """Settings s (rl4vlm.Settings) with this task's defaults in the fields that s leaves None."""
+        return replace(s, **{k: v for k, v in self.defaults.items() if getattr(s, k) is None})
 
     def random_action(self, rng):
         """A uniformly random legal action (the paper's fallback when the text names none)."""

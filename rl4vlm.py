@@ -4,7 +4,8 @@ Each env step the VLM sees the task's picture and a prompt (envs.py) and writes 
 in "action"; parse.py maps the text to a legal action and the env returns a reward. PPO with a value head on the
 last prompt token's hidden state and GAE over env steps fine-tunes the VLM through LoRA (ppo.py), with
     log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens).
-The sections below follow a run. Where this departs from the paper (the README says why):
+The sections below follow a run; lab.py holds what surrounds it (files, checkpoints, torchrun's ranks, tables,
+curves, pages of episodes, several runs at once). Where this departs from the paper (the README says why):
 1. The default policy is a tiny LLaVA built here from random weights; its warm start adds a perception loss.
 2. The warm start is imperfect on purpose (--sft-expert), at the sampling temperature; the tiny model's own settings.
 3. A text that names no legal action is all thought tokens: the random action played is not the model's choice.
@@ -16,24 +17,18 @@ from __future__ import annotations
 import argparse
 import bisect
 import copy
-import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import math
 import os
-import pickle
 import re
-import shutil
-import signal
-import subprocess
-import sys
 import time
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import timedelta
 from pathlib import Path
 
 import gymnasium as gym
@@ -41,18 +36,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from safetensors import SafetensorError
+from PIL import Image
 
 import envs
+import lab
 import parse
 import ppo
 
 BUILTIN, SUITE, DTYPES = "builtin", "gym-cards", ("float32", "bfloat16")
-ABLATIONS = {"": {"": {}},  # --ablations: the variants each task runs in, and the settings each changes
-             "cot": {"with CoT": dict(cot=True), "without CoT": dict(cot=False)},
-             "lambda": {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.5, 1.0)}}
-PAPER = {"": "rl", "with CoT": "rl", "without CoT": "no_cot"}  # a variant's number in Task.paper
 
 
 # ---- Settings: one dataclass turned into argparse flags; None means the task's default (envs.Task.defaults)
@@ -71,6 +62,8 @@ class Settings:
     model: str = _opt(BUILTIN, "'builtin' (a tiny LLaVA built on first use) or a Hugging Face VLM id or folder")
     seed: int = _opt(1, "seed of everything: model init, envs, sampling, minibatches")
     seeds: list = _opt((), "one run per seed (e.g. --seeds 1 2 3) in OUT_DIR/RUN_NAME/seed<n>, tables over them", int)
+    ablations: str = _opt("", "each task run as cot (with, without CoT) or lambda (thought_coef 0, 0.5, 1) says",
+                          check=tuple(lab.ABLATIONS))
     out_dir: str = _opt("runs", "runs are written to OUT_DIR/RUN_NAME")
     run_name: str = _opt("", "default: <task>-seed<seed>-<unix time>")
     resume: str = _opt("", "continue the run in this folder from its last checkpoint (its settings are used)")
@@ -105,6 +98,7 @@ class Settings:
     max_grad_norm: float = _opt(1.0, "gradient clipping (paper: 0.01 for the 7B model)", check="> 0")
     lr: float = _opt(1e-3, "learning rate of LoRA and value head, cosine-annealed (paper: 1e-5)", check="> 0")
     lr_min: float = _opt(1e-9, "final learning rate of the cosine schedule", check=">= 0")
+
     lora_rank: int = _opt(8, "LoRA rank (paper: 128)", check="> 0")
     lora_alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha / rank (paper: 256)", check="> 0")
     lora_dropout: float = _opt(0.0, "warm-start LoRA dropout; RL has none (paper: 0.05)", check="in [0, 1]")
@@ -118,7 +112,6 @@ class Settings:
     sft_follow: float = _opt(None, "expert's share of warm-start moves (default: task's)", float, check="in [0, 1]")
     sft_data: str = _opt("", 'warm start on a JSONL file of {"image": path, "prompt": ..., "answer": ...} lines')
     aux_loss: str = _opt("auto", "perception loss (auto: built-in model, no --sft-data)", check=("auto", "on", "off"))
-    ablations: str = _opt("", "cot (with and without CoT) or lambda (thought_coef 0, 0.5, 1)", check=tuple(ABLATIONS))
 
     eval_episodes: int = _opt(500, "held-out episodes per evaluation", check="> 0")
     eval_envs: int = _opt(256, "environments each rank steps in parallel while evaluating", check="> 0")
@@ -127,22 +120,26 @@ class Settings:
     keep_checkpoints: int = _opt(2, "the newest checkpoints kept (an older one until a newer is whole)", check="> 0")
 
 
-def fail(message: str):
-    """Stop with one line and exit status 1: bad input, or a file that cannot be read as it should."""
-    raise SystemExit(f"rl4vlm.py: error: {message}")
+GROUPS = {"env": "run and output", "cot": "the method", "num_envs": "PPO", "lora_rank": "LoRA",
+          "sft_steps": "warm start", "eval_episodes": "evaluation and checkpoints"}  # --help: first field -> header
 
 
 def parse_settings(argv=None) -> Settings:
-    parser = argparse.ArgumentParser(description="RL4VLM: PPO fine-tuning of a vision-language model on gym-cards.")
-    parser.error = fail  # one line, not argparse's usage block
+    parser = argparse.ArgumentParser(
+        usage="python rl4vlm.py [--env ENV] [--seeds SEED ...] [options below]",
+        description="RL4VLM: PPO fine-tuning of a vision-language model on gym-cards.",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=34, width=120))
+    parser.error = lab.fail  # one line, not argparse's usage block
+    group = parser
     for f in fields(Settings):
+        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         elif isinstance(f.default, tuple):
-            parser.add_argument(flag, type=f.metadata["type"], nargs="+", default=list(f.default), help=text)
+            group.add_argument(flag, type=f.metadata["type"], nargs="+", default=list(f.default), help=text)
         else:
-            parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default, help=text)
+            group.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default, help=text)
     s = Settings(**vars(parser.parse_args(argv)))
     try:
         check_settings(s)
@@ -154,6 +151,10 @@ def parse_settings(argv=None) -> Settings:
 def check_settings(s: Settings) -> None:
     """Reject bad values (nan and inf too) before any work. Raises ValueError with a one-line reason."""
     tasks_of(s.env)  # ValueError lists the tasks
+    import transformers
+    if not hasattr(transformers.GenerationMixin, POSITION_IDS):
+        raise ValueError(f"transformers {transformers.__version__} has no GenerationMixin.{POSITION_IDS}, which "
+                         "position_ids calls: install the version requirements.txt names")
     for f in fields(Settings):
         value, rule, flag = getattr(s, f.name), f.metadata["check"], "--" + f.name.replace("_", "-")
         if isinstance(rule, tuple) and value not in rule:
@@ -167,7 +168,7 @@ def check_settings(s: Settings) -> None:
     if len(set(s.seeds)) != len(s.seeds):
         raise ValueError(f"--seeds must differ, got {s.seeds}")
     if s.sft_data:
-        read_sft_data(s.sft_data)
+        lab.read_sft_data(s.sft_data)
         if s.aux_loss == "on":
             raise ValueError("--aux-loss on needs the env's labels, which --sft-data does not have")
     if s.resume and not (Path(s.resume) / "settings.json").is_file():
@@ -178,29 +179,6 @@ def check_settings(s: Settings) -> None:
         raise ValueError("--workers: under torchrun the runs go one at a time, each over all the ranks")
 
 
-def read_sft_data(path: str) -> list[dict]:
-    """--sft-data: {"image": path (relative to the file), "prompt": ..., "answer": ...} lines; a bad one: ValueError."""
-    if not Path(path).is_file():
-        raise ValueError(f"--sft-data {path}: no such file")
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--sft-data {path}: line {n} is not JSON ({e.msg})") from e
-        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("image", "prompt", "answer"))):
-            raise ValueError(f'--sft-data {path}: line {n} needs the strings "image", "prompt" and "answer"')
-        image = Path(path).parent / row["image"]  # an absolute path stays as it is
-        if not image.is_file():
-            raise ValueError(f"--sft-data {path}: line {n}: no image {image}")
-        rows.append(dict(row, image=str(image)))
-    if not rows:
-        raise ValueError(f"--sft-data {path}: the file is empty")
-    return rows
-
-
-def with_task_defaults(s: Settings, task) -> Settings:
-    return replace(s, **{k: v for k, v in task.defaults.items() if getattr(s, k) is None})
 
 
 def tasks_of(env: str) -> list:
@@ -219,13 +197,6 @@ def stream(name: str, seed: int, rank: int = 0) -> range:
     return range(first, first + STREAM_EPISODES)
 
 
-@contextmanager
-def building(folder: Path):
-    """One process at a time builds a cached folder; the others wait for it, then find it built."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
-        yield
 
 
 @contextmanager
@@ -266,27 +237,8 @@ class EnvPool:
             self.reset(i)
         return reward, terminated, truncated, ended
 
-    def state(self) -> dict:
-        """Each env's game, generator and time-limit count as JSON data (no pictures: they are drawn again)."""
-        games = [dict(game={k: v for k, v in vars(env.unwrapped).items() if k not in ENV_FRAME},
-                      rng=env.unwrapped.np_random.bit_generator.state, steps=env._elapsed_steps) for env in self.envs]
-        return dict(started=self.started, episode=self.episode, returns=self.returns.tolist(), envs=games)
-
-    def load_state(self, state: dict) -> None:
-        self.started, self.episode, self.returns = state["started"], state["episode"], np.array(state["returns"])
-        for env, saved in zip(self.envs, state["envs"], strict=True):
-            vars(env.unwrapped).update(saved["game"])
-            env.unwrapped.np_random.bit_generator.state = saved["rng"]
-            env._elapsed_steps = saved["steps"]
-        self.obs = [env.unwrapped.render() for env in self.envs]
-        self.infos = [env.unwrapped.info() for env in self.envs]
-
-
-ENV_FRAME = {"render_mode", "observation_space", "action_space", "spec", "_np_random", "_np_random_seed"}  # not game
-
 
 # ---- The model: the built-in tiny VLM, saved once and then loaded as any hub checkpoint is, and the Policy record
-TEXTS = hashlib.sha256(Path(envs.__file__).read_bytes()).hexdigest()[:8]  # envs.py's texts shape the cached models
 
 
 def task_corpus(seed: int, episodes: int = 100) -> list[str]:
@@ -303,6 +255,12 @@ def task_corpus(seed: int, episodes: int = 100) -> list[str]:
                 _, _, terminated, truncated, info = env.step(action)
                 done = terminated or truncated
     return texts
+
+
+def builtin_key(seed: int) -> str:
+    """What shapes the built-in model, hashed: the tokenizer's corpus (the tasks' prompts and answers) and its builder.
+    A cached model is found again after any other change (a comment, a docstring, the expert's code)."""
+    return hashlib.sha256((json.dumps(task_corpus(seed)) + inspect.getsource(build_builtin)).encode()).hexdigest()[:8]
 
 
 def build_builtin(folder: Path, seed: int) -> None:
@@ -340,7 +298,7 @@ def build_builtin(folder: Path, seed: int) -> None:
     pixels = CLIPImageProcessorPil(size={"shortest_edge": image_px}, crop_size={"height": image_px, "width": image_px})
     processor = LlavaProcessor(image_processor=pixels, tokenizer=tokenizer, patch_size=patch, chat_template=template,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
+    lab.write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
 
 
 @dataclass
@@ -371,13 +329,13 @@ def load_policy(path: str, device: str, dtype: str = "float32", grad_checkpointi
     """Model and processor through the Auto classes; any but an image-text-to-text VLM with a chat template fails."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    with damaged(Path(path), "check the name, or if it is a cached model, delete the folder to build it again"):
+    with lab.damaged(Path(path), "check the name, or if it is a cached model, delete the folder to build it again"):
         config = AutoConfig.from_pretrained(path)
         if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-            fail(f"{path!r} is a {config.model_type!r} model, not an image-text-to-text VLM")
+            lab.fail(f"{path!r} is a {config.model_type!r} model, not an image-text-to-text VLM")
         processor = AutoProcessor.from_pretrained(path)
         if not getattr(processor, "chat_template", None):
-            fail(f"{path!r} has no chat template")
+            lab.fail(f"{path!r} has no chat template")
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     if grad_checkpointing:
         model.activation_checkpointing_enable()
@@ -493,9 +451,13 @@ class SamplingRecord:
             self.logprobs.append(self.logp.gather(1, sequences[:, -1:]).squeeze(1))
 
 
+POSITION_IDS = "_prepare_position_ids_for_generation"  # transformers' GenerationMixin's; check_settings checks it
+
+
 def position_ids(model, ids, mask, extra: dict):
-    """generate()'s position ids of a left-padded batch (3-D for Qwen2-VL): the one private call (none is public)."""
-    return model._prepare_position_ids_for_generation(ids, dict(input_ids=ids, attention_mask=mask, **extra))
+    """generate()'s position ids of a left-padded batch (3-D for Qwen2-VL, a model's own override): the one private
+    call, as no public function gives them for every family."""
+    return getattr(model, POSITION_IDS)(ids, dict(input_ids=ids, attention_mask=mask, **extra))
 
 
 @contextmanager
@@ -618,27 +580,35 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
     cached and loaded as any checkpoint; on seeded streams of their own, so a cached run goes on as a fresh one."""
     path = s.model
     if s.model == BUILTIN:
-        path = str(Path(s.cache_dir) / f"builtin-{TEXTS}-seed{s.seed}")
-        with building(Path(path)):
+        path = str(Path(s.cache_dir) / f"builtin-{builtin_key(s.seed)}-seed{s.seed}")
+        with lab.building(Path(path)):
             if not (Path(path) / "config.json").exists():
                 log(f"building the built-in tiny VLM in {path}")
                 build_builtin(Path(path), s.seed)
     if s.sft_steps > 0:
-        full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
-        aux = s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data)
-        key = {k: getattr(s, k) for k in ("model", "cot", "sft_steps", "sft_batch", "sft_lr", "sft_expert",
-                                          "sft_follow", "seed", "max_grad_norm", "dtype", "temperature")}
-        key.update(env=task.env_id, aux=aux, texts=TEXTS, episodes=stream("warm_start", s.seed).start,
-                   sft_data=s.sft_data and hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest(),
-                   lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision])
+        key = warm_start_key(s, task, Path(path).name)
         folder = Path(s.cache_dir) / f"sft-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
-        with building(folder):
+        with lab.building(folder):
             if not (folder / "config.json").exists():
                 warm_start_into(folder, path, s, task, key, log)
         log(f"warm-started model: {folder}")
         path = str(folder)
     return replace(load_policy(path, s.device, s.dtype, s.grad_checkpointing), cot=s.cot, temperature=s.temperature,
                    max_new_tokens=s.max_new_tokens, thought_coef=s.thought_coef)
+
+
+def warm_start_key(s: Settings, task, base: str) -> dict:
+    """What shapes a warm start, and names its cached folder: the settings it uses, the base model (its folder's name
+    for the built-in), its data (the first batches' fingerprint, or the --sft-data file's hash) and its seeds."""
+    full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
+    key = {k: getattr(s, k) for k in ("model", "cot", "sft_steps", "sft_batch", "sft_lr", "sft_expert", "sft_follow",
+                                      "seed", "max_grad_norm", "dtype", "temperature")}
+    episodes = stream("warm_start", s.seed).start
+    data = (hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest() if s.sft_data
+            else fingerprint(states_batches(task, s, np.random.default_rng(episodes))))
+    return dict(key, env=task.env_id, aux=s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data),
+                base=base, data=data, episodes=episodes,
+                lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision])
 
 
 def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) -> None:
@@ -656,7 +626,7 @@ def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) 
         if not full:
             ppo.merge_lora(policy.model)
     info = json.dumps(dict(key, **stats), indent=1)
-    write_atomically(folder, lambda tmp: (policy.model.save_pretrained(tmp), policy.processor.save_pretrained(tmp),
+    lab.write_atomically(folder, lambda tmp: (policy.model.save_pretrained(tmp), policy.processor.save_pretrained(tmp),
                                           (tmp / "warm_start.json").write_text(info)))
 
 
@@ -702,9 +672,19 @@ def states_batches(task, s: Settings, rng):
             pool.step(i, task.follow_or_random(e, s.sft_follow, rng))
 
 
+def fingerprint(batches, n: int = 8) -> str:
+    """A hash of the first n batches of warm-start data (pictures, prompts, answers, labels): what shapes a cached
+    warm start besides the settings, so that a change to a task's prompts, answers or pictures trains it again."""
+    digest = hashlib.sha256()
+    for images, prompts, answers, labels in itertools.islice(batches, n):
+        digest.update(b"".join(np.ascontiguousarray(image).tobytes() for image in images))
+        digest.update(repr([prompts, answers, labels]).encode())
+    return digest.hexdigest()[:16]
+
+
 def file_batches(path: str, batch_size: int, rng):
     """Batches of (pictures, prompts, answers, no labels) drawn from the rows of an --sft-data file."""
-    data = read_sft_data(path)
+    data = lab.read_sft_data(path)
     while True:
         rows = [data[k] for k in rng.integers(len(data), size=batch_size)]
         yield ([np.asarray(Image.open(r["image"]).convert("RGB")) for r in rows],
@@ -823,7 +803,7 @@ def rollout(policy: Policy, task, pool: EnvPool, num_steps: int, format_penalty:
         final_values = prompt_values(policy, task, [f[2] for f in finals], [f[3] for f in finals])
         for (t, i, _, _), value in zip(finals, final_values):
             next_values[t, i] = value
-    ranks = gather((episode_returns, [replace(x, prompt={}) for x in samples]))  # [(returns, samples) per rank]
+    ranks = lab.gather((episode_returns, [replace(x, prompt={}) for x in samples]))  # [(returns, samples) per rank]
     episode_returns, every = (sum(parts, []) for parts in zip(*ranks))
     stats = dict(episodes=len(episode_returns),
                  success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
@@ -851,95 +831,133 @@ def diagnostics(samples: list[Sample], action_names) -> dict:
 
 
 def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, returns, s: Settings, rng) -> dict:
-    """update_epochs passes over the batch in shuffled minibatches, each step in a trust region, with a KL penalty.
-    Under torchrun the batch is global (rank r holds samples r * n .. r * n + n - 1): every rank follows rank 0's
-    order, normalises over the whole minibatch and sums gradients, so each takes the step one process would."""
-    rank, world = rank_and_world()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    n = len(samples)
-    local = torch.cat([torch.tensor([[x.logprob for x in samples], [x.value for x in samples]], device="cpu"),
-                       torch.stack([advantages.flatten(), returns.flatten()])])                        # (4, n)
-    b_logprobs, b_values, b_advantages, b_returns = torch.cat(gather(local), 1).to(policy.device)  # (4, world * n)
-    orders = gather([rng.permutation(world * n) for _ in range(s.update_epochs)])[0]
-    minibatches = [order[i:i + s.minibatch_size] for order in orders for i in range(0, world * n, s.minibatch_size)]
-
-    def minibatch_pass(k: int, mb, mb_advantages, backward: bool) -> dict:
-        """The loss over mb, micro-batch by micro-batch (gradients summed if `backward`); statistics over every rank."""
-        mine = np.flatnonzero(mb // n == rank)  # the places in mb of this rank's samples
-        keys = ["policy_loss", "value_loss", "approx_kl", "clipfrac"] + (["warm_kl"] if s.kl_coef else [])
-        totals = dict.fromkeys(keys, 0.0)
-        for j in range(0, len(mine), s.micro_batch):
-            places = mine[j:j + s.micro_batch]
-            micro = mb[places]
-            prompt, gen_ids, gen_mask, weights = collate([samples[g - rank * n] for g in micro], policy.pad_id)
-            with torch.set_grad_enabled(backward):
-                logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids, gen_mask)
-                new_logprobs = (logprobs * weights).sum(1)     # log pi(a|s), (micro,)
-                loss, stats = ppo.ppo_loss(new_logprobs, b_logprobs[micro], mb_advantages[places], new_values,
-                                           b_values[micro], b_returns[micro], clip_coef=s.clip_coef, vf_coef=s.vf_coef)
-                if s.kl_coef:  # toward the warm start, per answer token
-                    warm = pad_answers([samples[g - rank * n].warm_logprobs for g in micro], 0)[0].to(logprobs)
-                    warm_kl = ppo.token_kl(logprobs, warm, gen_mask).mean()
-                    loss, stats["warm_kl"] = loss + s.kl_coef * warm_kl, warm_kl.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"PPO loss is {loss.item()} (minibatch {k + 1}, stats {stats}); "
-                                         "the last checkpoint is untouched")
-            if backward:
-                (loss * len(micro) / len(mb)).backward()
-            for key in totals:
-                totals[key] += stats[key] * len(micro) / len(mb)
-        summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=policy.device)
-        all_sum([summed])
-        return dict(zip(totals, summed.tolist()))
-
+    """update_epochs passes over the batch in shuffled minibatches, as CleanRL's ppo.py, with two departures: each
+    step is kept inside a trust region (trust_region_step), and the loss has a KL penalty toward the warm start.
+    Under torchrun the batch is global (global_batch): each rank takes the step one process would on all of it."""
+    b = global_batch(samples, advantages, returns, policy.device)  # (world * n,) tensors
     update_mode(policy.model)
-    if s.kl_coef:  # the warm-started policy is this model with its adapters off: one more pass, no more memory
-        with torch.no_grad(), ppo.lora_off(policy.model):
-            for j in range(0, n, s.micro_batch):
-                logprobs, _ = logprobs_and_values(policy, *collate(samples[j:j + s.micro_batch], policy.pad_id)[:3])
-                for x, lp in zip(samples[j:j + s.micro_batch], logprobs.cpu()):
-                    x.warm_logprobs = lp[:len(x.gen_ids)]
+    if s.kl_coef:
+        keep_warm_logprobs(policy, samples, s.micro_batch)
     measured, step_kls, grad_norms, undone, scale = [], [], [], 0, 1.0
-    lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's, put back at the end
-    for k, mb in enumerate(minibatches):
-        mb_advantages = b_advantages[mb]
-        if len(mb) > 1:
-            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    for mb in minibatches(len(b["logprobs"]), s.minibatch_size, s.update_epochs, rng):
         optimizer.zero_grad()
-        measured.append(minibatch_pass(k, mb, mb_advantages, backward=True))
+        # the loss, its gradients and approx_kl in one pass (a pass of its own to check the KL first costs 30% more)
+        measured.append(minibatch_loss(policy, samples, b, mb, s, backward=True))
         if s.target_kl and measured[-1]["approx_kl"] > s.target_kl:
-            break  # past the target already, after steps on other minibatches: no step
-        if world > 1:  # sum the gradients; a rank with no sample in this minibatch adds zeros
-            for p in params:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            all_sum([p.grad for p in params])
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
-        saved_params, saved_state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
-        for _ in range(s.backtrack + 1):
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr * scale
-            optimizer.step()
-            kl = minibatch_pass(k, mb, mb_advantages, backward=False)["approx_kl"]  # the policy now, the same samples
-            if not s.target_kl or kl <= s.target_kl:
-                break
-            # the trust region: undo the step (weights and optimizer state), try it at half the length (AdamW's step
-            # is lr times one direction from one state), up to `backtrack` times; the rest of the update at that length
-            for p, saved in zip(params, saved_params):
-                p.data.copy_(saved)
-            optimizer.load_state_dict(copy.deepcopy(saved_state))  # loading adopts the tensors, steps change them
-            undone, scale = undone + 1, scale / 2
-        if s.target_kl and kl > s.target_kl:  # still past it: the update ends
-            break
+            break  # the policy left the region on these samples, by steps on others: no step, the update ends
+        grad_norm = sum_gradients_and_clip(optimizer, s.max_grad_norm)
+        measure_kl = lambda: minibatch_loss(policy, samples, b, mb, s, backward=False)["approx_kl"]
+        kl, scale, tries = trust_region_step(optimizer, measure_kl, s.target_kl, s.backtrack, scale)
+        undone += tries
+        if s.target_kl and kl > s.target_kl:
+            break  # no step length within the target: the update ends
         step_kls.append(kl)
         grad_norms.append(grad_norm)
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
     policy.model.eval()
     return dict({k: float(np.mean([m[k] for m in measured])) for k in measured[0]},
                 approx_kl_max=max(m["approx_kl"] for m in measured), optimizer_steps=len(step_kls), undone_steps=undone,
                 step_kl_max=max(step_kls, default=0.0), step_kls=step_kls,
                 grad_norm=float(np.mean(grad_norms)) if grad_norms else 0.0,
-                explained_variance=ppo.explained_variance(b_values, b_returns))
+                explained_variance=ppo.explained_variance(b["values"], b["returns"]))
+
+
+def minibatch_loss(policy: Policy, samples: list[Sample], b: dict, mb, s: Settings, backward: bool) -> dict:
+    """The PPO loss (plus the KL penalty) over minibatch mb of the global batch b, micro-batch by micro-batch, with
+    the advantages normalised over mb; gradients summed into .grad if `backward`. Statistics: over every rank."""
+    mb_advantages = b["advantages"][mb]
+    if len(mb) > 1:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    places, mine = local_part(mb, len(samples))  # the places in mb of this rank's samples, and their indices
+    totals = dict.fromkeys(["policy_loss", "value_loss", "approx_kl", "clipfrac"] + ["warm_kl"] * bool(s.kl_coef), 0.)
+    for j in range(0, len(places), s.micro_batch):
+        micro, part = mb[places[j:j + s.micro_batch]], [samples[i] for i in mine[j:j + s.micro_batch]]
+        prompt, gen_ids, gen_mask, weights = collate(part, policy.pad_id)
+        with torch.set_grad_enabled(backward):
+            logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids, gen_mask)
+            new_logprobs = (logprobs * weights).sum(1)  # log pi(a|s), (micro,)
+            loss, stats = ppo.ppo_loss(new_logprobs, b["logprobs"][micro], mb_advantages[places[j:j + s.micro_batch]],
+                                       new_values, b["values"][micro], b["returns"][micro], s.clip_coef, s.vf_coef)
+            if s.kl_coef:  # toward the warm start, per answer token
+                warm_kl = ppo.token_kl(logprobs, pad_answers([x.warm_logprobs for x in part], 0)[0].to(logprobs),
+                                       gen_mask).mean()
+                loss, stats["warm_kl"] = loss + s.kl_coef * warm_kl, warm_kl.item()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"PPO loss is {loss.item()} (stats {stats}); the last checkpoint is untouched")
+        if backward:
+            (loss * len(micro) / len(mb)).backward()
+        for key in totals:
+            totals[key] += stats[key] * len(micro) / len(mb)
+    summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=policy.device)
+    lab.all_sum([summed])
+    return dict(zip(totals, summed.tolist()))
+
+
+def trust_region_step(optimizer, measure_kl, target_kl: float, backtrack: int, scale: float):
+    """One optimizer step at `scale` times the learning rate whose approx_kl, measured after it on the same samples,
+    is within target_kl (0: any). A step past it is undone (the weights and AdamW's state: its step is lr times one
+    direction from one state) and tried at half the length, up to `backtrack` times. Returns (approx_kl of the last
+    try, the length for the rest of the update, the steps undone); after `backtrack` halvings the last try is undone
+    too, and its approx_kl is past the target."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's, put back after
+    saved_params, saved_state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+    undone = 0
+    for _ in range(backtrack + 1):
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr * scale
+        optimizer.step()
+        kl = measure_kl()
+        if not target_kl or kl <= target_kl:
+            break
+        for p, saved in zip(params, saved_params):
+            p.data.copy_(saved)
+        optimizer.load_state_dict(copy.deepcopy(saved_state))  # loading adopts the tensors, steps change them
+        undone, scale = undone + 1, scale / 2
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    return kl, scale, undone
+
+
+def keep_warm_logprobs(policy: Policy, samples: list[Sample], micro_batch: int) -> None:
+    """Each sample's token log-probs under the warm start (the KL penalty's reference): this model with its adapters
+    off, one more pass and no more memory."""
+    with torch.no_grad(), ppo.lora_off(policy.model):
+        for j in range(0, len(samples), micro_batch):
+            logprobs, _ = logprobs_and_values(policy, *collate(samples[j:j + micro_batch], policy.pad_id)[:3])
+            for x, lp in zip(samples[j:j + micro_batch], logprobs.cpu()):
+                x.warm_logprobs = lp[:len(x.gen_ids)]
+
+
+def global_batch(samples: list[Sample], advantages, returns, device) -> dict:
+    """The update's batch over every rank: old log-probs, values, advantages and returns (world * n,), rank r's n
+    samples at r * n .. r * n + n - 1 (local_part finds them)."""
+    local = torch.cat([torch.tensor([[x.logprob for x in samples], [x.value for x in samples]], device="cpu"),
+                       torch.stack([advantages.flatten(), returns.flatten()])])  # (4, n)
+    return dict(zip(["logprobs", "values", "advantages", "returns"], torch.cat(lab.gather(local), 1).to(device)))
+
+
+def minibatches(size: int, minibatch_size: int, epochs: int, rng) -> list:
+    """`epochs` shuffled passes over the global batch's indices, cut into minibatches: rank 0's order on every rank."""
+    orders = lab.gather([rng.permutation(size) for _ in range(epochs)])[0]
+    return [order[i:i + minibatch_size] for order in orders for i in range(0, size, minibatch_size)]
+
+
+def local_part(mb, n: int):
+    """The places in minibatch mb (global indices) of this rank's samples, and their indices in its own n."""
+    rank = lab.rank_and_world()[0]
+    places = np.flatnonzero(mb // n == rank)
+    return places, mb[places] - rank * n
+
+
+def sum_gradients_and_clip(optimizer, max_grad_norm: float) -> float:
+    """Sum the gradients over the ranks (a rank with no sample in the minibatch adds zeros) and clip them; returns
+    their norm before clipping."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if lab.rank_and_world()[1] > 1:
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        lab.all_sum([p.grad for p in params])
+    return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
 
 
 def update_mode(model) -> None:
@@ -957,7 +975,7 @@ SHOWN = 4  # episodes on a page: the evaluation's first deals, whatever their ou
 @torch.no_grad()
 def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | None = None) -> dict:
     """eval_episodes held-out deals sampled as in training, on forked generators (rank r of N plays r, r + N, ...)."""
-    rank, world = rank_and_world()
+    rank, world = lab.rank_and_world()
     deals = stream("eval", s.seed)
     seeds, n = deals[rank::world], len(range(rank, s.eval_episodes, world))
     pool = EnvPool(task.env_id, min(s.eval_envs, n), seeds)
@@ -981,11 +999,11 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | No
                 last_log = time.time()
                 log(f"evaluating {label}: {len(returns)}/{n} episodes, {time.time() - t0:.0f}s")
     if shown:
-        write_episodes(page, task, label, {seeds[k]: steps for k, steps in sorted(shown.items())}, policy.processor)
-    returns, answers = (sum(parts, []) for parts in zip(*gather((returns, answers))))
+        lab.write_episodes(page, task, label, {seeds[k]: steps for k, steps in sorted(shown.items())}, policy.processor)
+    returns, answers = (sum(parts, []) for parts in zip(*lab.gather((returns, answers))))
     n = s.eval_episodes
     wins = sum(envs.is_success(r) for r in returns)
-    low, high = wilson(wins, n)
+    low, high = lab.wilson(wins, n)
     result = dict(episodes=n, success=wins / n, ci_low=low, ci_high=high, mean_return=float(np.mean(returns)),
                   **answer_shares(answers), seconds=round(time.time() - t0, 1))
     result["expert_match"] = expert_match(policy, task, deals, min(200, n), s.eval_envs)
@@ -997,11 +1015,6 @@ def evaluate(policy: Policy, task, s: Settings, log, label: str, page: Path | No
     return result
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate."""
-    p, d = successes / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @torch.no_grad()
@@ -1026,177 +1039,23 @@ def expert_match(policy: Policy, task, seeds: range, n: int, batch_size: int) ->
     return float(np.mean(matches))
 
 
-def write_episodes(page: Path, task, label: str, episodes: dict, processor) -> None:
-    """A Markdown page of whole episodes {deal seed: [(picture, sample, reward)]}, pictures in a folder beside it."""
-    folder, lines = page.with_suffix(""), [f"# {task.name}, {label}: the first {len(episodes)} held-out episodes", ""]
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, (seed, steps) in enumerate(episodes.items(), 1):
-        lines += [f"## Episode {k} (deal seed {seed}): return {sum(r for *_, r in steps):g}", "",
-                  "| step | picture | model input | answer | action | reward |", "|---|---|---|---|---|---|"]
-        for t, (picture, x, reward) in enumerate(steps, 1):
-            Image.fromarray(picture).save(folder / f"{k}-{t}.png")
-            seen, cell = model_input(processor, x.prompt), ""
-            if seen is not None:
-                seen.save(folder / f"{k}-{t}-input.png")
-                cell = f"![]({folder.name}/{k}-{t}-input.png)"
-            action = task.actions[x.action]
-            action = action if x.format_ok else f"no legal action: random {action} played"
-            text = " ".join(x.text.splitlines()).replace("|", "\\|").replace("`", "'")  # one table cell
-            lines.append(f"| {t} | ![]({folder.name}/{k}-{t}.png) | {cell} | `{text}` | {action} | {reward:g} |")
-        lines.append("")
-    write_text(page, "\n".join(lines))
 
 
-def model_input(processor, prompt: dict):
-    """The picture as the model received it, where the processor gives one (1, 3, H, W) picture."""
-    pixels, ip = prompt.get("pixel_values"), processor.image_processor
-    if pixels is None or pixels.dim() != 4 or not hasattr(ip, "image_mean"):
-        return None
-    std, mean = (torch.tensor(v, device="cpu")[:, None, None] for v in (ip.image_std, ip.image_mean))
-    pixels = pixels[0].float().cpu() * std + mean
-    return Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-
-
-# ---- torchrun: each rank its own envs, samples and copy of the model; LoRA and value-head gradients summed
-
-def init_distributed(s: Settings) -> Settings:
-    """Join torchrun's group: NCCL on CUDA (cuda:LOCAL_RANK), gloo on CPU. In one process, what follows does nothing."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if s.num_envs % world or s.minibatch_size % world:
-        fail(f"--num-envs and --minibatch-size are global: they must be multiples of the {world} ranks")
-    if world == 1 or dist.is_initialized():
-        return s
-    if s.device.startswith("cuda"):
-        s = replace(s, device=f"cuda:{os.environ['LOCAL_RANK']}")
-        torch.cuda.set_device(s.device)
-    backend = "nccl" if s.device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(minutes=s.dist_timeout))
-    return s
-
-
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def gather(obj) -> list:
-    """obj from every rank, in rank order ([obj] in one process)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_sum(tensors: list) -> None:
-    """Sum tensors across ranks, in place."""
-    for t in tensors if dist.is_initialized() else []:
-        dist.all_reduce(t)
-
-
-# ---- Files that survive a crash, and checkpoints: data only (safetensors, JSON, tensors), nothing to unpickle
-
-def write_atomically(path: Path, write) -> None:
-    """write(tmp) beside `path`, fsync, rename to `path`, fsync the folder: after a crash, old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a crash
-    tmp.unlink(missing_ok=True)  # or a file
-    write(tmp)
-    for name in [*tmp.rglob("*"), tmp]:
-        flush(name)
-    if path.is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    flush(path.parent)
-
-
-def flush(path: Path) -> None:
-    """fsync a file or a folder (a folder's entries: a rename in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text))
-
-
-def save_checkpoint(run_dir: Path, update: int, policy: Policy, scheduler, pool: EnvPool, rng, keep: int) -> None:
-    """What RL changes, every rank's: adapter (PEFT's format), state.pt (tensors), envs.json; the newest `keep` stay."""
-    torch_rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [])
-    ranks = gather(dict(pool=pool.state(), rng=rng.bit_generator.state, torch_rng=torch_rng))
-    if rank_and_world()[0] > 0:
-        return
-    folder = run_dir / f"checkpoint-{update:05d}"
-
-    def write(tmp: Path):
-        ppo.save_adapter(policy.model, tmp)
-        torch.save(dict(update=update, value_head=policy.value_head.state_dict(),
-                        optimizer=scheduler.optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        torch_rng=[r.pop("torch_rng") for r in ranks]), tmp / "state.pt")
-        (tmp / "envs.json").write_text(json.dumps(ranks))
-    write_atomically(folder, write)
-    write_text(run_dir / "latest", folder.name)
-    older = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.name < folder.name)
-    newer = [p.name for p in run_dir.glob("checkpoint-*") if p.name > folder.name]  # of an abandoned future
-    for name in older[:max(0, len(older) - (keep - 1))] + newer:
-        shutil.rmtree(run_dir / name)
-
-
-@contextmanager
-def damaged(path: Path, advice: str):
-    """A file that cannot be read as what it should be stops the run with one line: its name, the error, what to do."""
-    try:
-        yield
-    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as e:
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
-        fail(f"{path} is damaged or missing ({reason}); {advice}")
-
-
-def restore_checkpoint(run_dir: Path, policy: Policy, scheduler, pool: EnvPool, rng) -> tuple[int, dict, list[str]]:
-    """The latest checkpoint put back, every file checked before any is written: (update, results, metrics lines)."""
-    latest, (rank, world) = run_dir / "latest", rank_and_world()
-    name = latest.read_text().strip() if latest.is_file() else ""
-    earlier = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.name < name)
-    advice = f"write {earlier[-1]} into {latest} to resume from the one before" if earlier else "start the run again"
-    folder = run_dir / name
-    if not name.startswith("checkpoint-") or not folder.is_dir():
-        fail(f"{latest} names no checkpoint folder; {advice}")
-    with damaged(folder / "state.pt", advice):
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    with damaged(folder / "envs.json", advice):
-        ranks = json.loads((folder / "envs.json").read_text())
-        if len(ranks) != world or len(state["torch_rng"]) != len(ranks):
-            raise ValueError(f"written by {len(ranks)} ranks: resume with as many")
-    with damaged(run_dir / "metrics.jsonl", "mend or delete its damaged lines, then resume"):
-        lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(line)["update"] <= state["update"]]
-    with damaged(run_dir / "results.json", "start the run again"):
-        results = json.loads((run_dir / "results.json").read_text())
-    with damaged(folder, advice):
-        ppo.load_adapter(policy.model, folder)
-        policy.value_head.load_state_dict(state["value_head"])
-        scheduler.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"][rank][0])
-        if len(state["torch_rng"][rank]) > 1:
-            torch.cuda.set_rng_state(state["torch_rng"][rank][1])
-        pool.load_state(ranks[rank]["pool"])
-        rng.bit_generator.state = ranks[rank]["rng"]
-    return state["update"], results, lines
 
 
 # ---- The run: warm start, evaluate, RL updates, evaluate
+LOGGED = ("success episodes mean_return format_fail read_right thought_right step_kl_max clipfrac optimizer_steps "
+          "undone_steps explained_variance thought_entropy action_entropy distinct_thoughts").split()
+
 
 def run(s: Settings, task, run_dir: Path) -> dict:
     """Under torchrun every rank runs this with its own envs (own stream of episodes); only rank 0 logs and writes."""
-    rank, world = rank_and_world()
+    rank, world = lab.rank_and_world()
     is_main = rank == 0
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     resuming = (run_dir / "latest").exists() or any(run_dir.glob("checkpoint-*"))
     if is_main and not resuming:
-        write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
+        lab.write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
     if s.threads:
         torch.set_num_threads(s.threads)
 
@@ -1223,16 +1082,16 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     pool = EnvPool(task.env_id, s.num_envs // world, seeds)
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
-    done, results, lines = restore_checkpoint(run_dir, policy, scheduler, pool, rng) if resuming else (0, {}, [])
+    done, results, lines = lab.restore_checkpoint(run_dir, policy, scheduler, pool, rng) if resuming else (0, {}, [])
     if resuming:
         log(f"resuming {run_dir} after update {done}")
     if is_main:
-        write_text(metrics_path, "".join(line + "\n" for line in lines))
+        lab.write_text(metrics_path, "".join(line + "\n" for line in lines))
     if "warm_start" not in results:
         page = s.episodes and run_dir / "episodes-warm_start.md"
         results["warm_start"] = evaluate(policy, task, s, log, "warm start", page)
         if is_main:
-            write_text(results_path, json.dumps(results, indent=1))
+            lab.write_text(results_path, json.dumps(results, indent=1))
 
     for update in range(done + 1, num_updates + 1):
         t0 = time.time()
@@ -1254,215 +1113,15 @@ def run(s: Settings, task, run_dir: Path) -> dict:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         if update % s.checkpoint_every == 0 or update == num_updates:
-            save_checkpoint(run_dir, update, policy, scheduler, pool, rng, s.keep_checkpoints)
+            lab.save_checkpoint(run_dir, update, policy, scheduler, pool, rng, s.keep_checkpoints)
 
     results["rl"] = evaluate(policy, task, s, log, "after RL", s.episodes and run_dir / "episodes-rl.md")
     if policy.device.type == "cuda":
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(policy.device) / 2**30:.2f} GiB")
     if is_main:
-        write_text(results_path, json.dumps(results, indent=1))
-        paper = task.paper["rl" if s.cot else "no_cot"]
-        plot_curves(run_dir / "curve.png", {task.env_id: (run_dir, paper)}, task.env_id)
-        rows = [task.env_id, "| policy | success % (95% CI) | mean return | format failures % | answers read right % | "
-                "thoughts true % | episodes |", "|---" * 7 + "|"]
-        rows += [f"| {name} | {100 * r['success']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
-                 f"{r['mean_return']:.2f} | {100 * r['format_fail']:.1f} | {100 * r['read_right']:.1f} | "
-                 f"{100 * r['thought_right']:.1f} | {r['episodes']} |" for name, r in results.items()]
-        write_text(run_dir / "results.md", "\n".join(rows) + "\n")
-        log("\n".join(rows))
+        lab.write_text(results_path, json.dumps(results, indent=1))
+        log(lab.report_run(run_dir, task, results, task.paper["rl" if s.cot else "no_cot"]))
     return results
-
-
-LOGGED = ("success episodes mean_return format_fail read_right thought_right step_kl_max clipfrac optimizer_steps "
-          "undone_steps explained_variance thought_entropy action_entropy distinct_thoughts").split()
-
-
-def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def plot_curves(path: Path, runs: dict, title: str) -> None:
-    """Success against env steps, a line per run {name: (folder, the paper's % after RL or "")}; warm start dashed."""
-    W, H, left, right, top, bottom = 800, 480, 60, 90, 50, 50
-    img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
-    d = ImageDraw.Draw(img)
-    curves = {name: [(r["env_steps"], r["success"]) for r in metrics(folder)] for name, (folder, _) in runs.items()}
-    xmax = max([x for points in curves.values() for x, _ in points] or [1])
-    X = lambda x: left + x / xmax * (W - left - right)
-    Y = lambda y: H - bottom - y * (H - top - bottom)
-    step = next(m * 10**e for e in range(12) for m in (1, 2, 5) if xmax / (m * 10**e) <= 8)  # a round tick step
-    for y in range(0, 101, 20):  # a light grid and its ticks
-        d.line([(left, Y(y / 100)), (X(xmax), Y(y / 100))], fill="#e4e4e4")
-        d.text((left - 6, Y(y / 100)), f"{y}%", fill="black", font=font, anchor="rm")
-    for x in range(0, xmax + 1, step):
-        d.line([(X(x), top), (X(x), Y(0))], fill="#e4e4e4")
-        d.text((X(x), Y(0) + 6), f"{x:,}", fill="black", font=font, anchor="ma")
-    d.line([(left, top), (left, Y(0)), (X(xmax), Y(0))], fill="black")
-    d.text((X(xmax / 2), H - 16), "env steps     (dashed: the warm start;  triangle: the paper's 7B after RL)",
-           fill="black", font=font, anchor="mm")
-    legend = left + d.textlength(title + ": success rate     ", font=font)
-    d.text((left, 14), f"{title}: success rate", fill="black", font=font)
-    colours = itertools.cycle(["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"])
-    for (name, (folder, paper)), colour in zip(runs.items(), colours):
-        warm = Y(finished(folder)["warm_start"]["success"])
-        for dash in range(left, round(X(xmax)) - 5, 12):
-            d.line([(dash, warm), (dash + 6, warm)], fill=colour)
-        points = [(X(x), Y(y)) for x, y in curves[name] if not math.isnan(y)]
-        if len(points) > 1:
-            d.line(points, fill=colour, width=2)
-        if paper != "":
-            y = Y(paper / 100)
-            d.polygon([(X(xmax) + 3, y), (X(xmax) + 12, y - 6), (X(xmax) + 12, y + 6)], fill=colour)
-            d.text((X(xmax) + 16, y), f"{paper:g}%", fill=colour, font=font, anchor="lm")
-        d.text((legend, 14), name, fill=colour, font=font)  # the legend, along the top
-        legend += d.textlength(name, font=font) + 24
-    img.save(path)
-
-
-# ---- Several runs (tasks, seeds, ablation variants), their tables, and the command line
-
-def run_many(s: Settings, tasks, run_dir: Path) -> dict:
-    """Each seed, task and variant in run_dir/seed<n>/<task>[-<variant>] (run, resumed or read), then curves, tables."""
-    seeds, variants = s.seeds or [s.seed], ABLATIONS[s.ablations]
-    runs = {}  # (task name, variant, seed) -> (task, folder, the run's settings)
-    for seed, task, (name, change) in itertools.product(seeds, tasks, variants.items()):
-        settings = replace(s, env=task.env_id, seed=seed, seeds=[], ablations="", **change)
-        runs[task.name, name, seed] = (task, run_dir / f"seed{seed}" / "-".join([task.name, *name.split()]),
-                                       with_task_defaults(settings, task))
-    results = {key: finished(folder) for key, (_, folder, _) in runs.items()}
-    todo = {key: run for key, run in runs.items() if "rl" not in results[key]}
-    workers = min(s.workers or len(os.sched_getaffinity(0)), len(todo)) if rank_and_world()[1] == 1 else 1
-    if workers > 1:
-        run_children(todo, workers, run_dir)
-    for key, (task, folder, settings) in todo.items():
-        results[key] = finished(folder) if workers > 1 else run(settings, task, folder)
-    if rank_and_world()[0] > 0:
-        return results
-    for seed in seeds:
-        curves = {f"{t.name} {name}".strip(): (runs[t.name, name, seed][1], t.paper.get(PAPER.get(name), ""))
-                  for t in tasks for name in variants}
-        plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", curves, f"seed {seed}")
-    if s.ablations:
-        rows = [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds],
-                 t.paper.get(PAPER.get(name), "") if stage == "rl" else "")
-                for t in tasks for name in variants
-                for stage, label in (("warm_start", "warm start"), ("rl", "after RL"))]
-        md = "\n".join(["Success % (paper: after RL)", ""] + seed_rows(rows, seeds))
-        write_text(run_dir / "ablations.md", md + "\n")
-    else:
-        md, csv = suite_tables(tasks, seeds, {(t, seed): r for (t, _, seed), r in results.items()}, run_dir)
-        write_text(run_dir / "results.md", md + "\n")
-        write_text(run_dir / "results.csv", csv)
-    print(md)
-    return results
-
-
-def finished(folder: Path) -> dict:
-    """A run's results.json ({} before its first evaluation): "rl" in it once the run is done."""
-    return json.loads((folder / "results.json").read_text()) if (folder / "results.json").exists() else {}
-
-
-def run_children(runs: dict, workers: int, run_dir: Path) -> None:
-    """The runs {key: (task, folder, settings)} as `rl4vlm.py --resume FOLDER` children, `workers` at a time."""
-    waiting = sorted(runs, key=lambda key: -runs[key][2].max_new_tokens * runs[key][2].total_steps)
-    running, told, failed, t0 = {}, dict.fromkeys(runs, 0), [], time.time()  # told: the stages said of each run
-
-    def say(key, text):
-        done = len(runs) - len(waiting) - len(running)
-        print(f"{(time.time() - t0) / 60:5.1f} min  {label(key):<28} {text}   [{done} done, {len(running)} running, "
-              f"{len(waiting)} waiting]", flush=True)
-    try:
-        while waiting or running:
-            while waiting and len(running) < workers:
-                key = waiting.pop(0)
-                _, folder, settings = runs[key]
-                if not (folder / "settings.json").exists():
-                    write_text(folder / "settings.json", json.dumps(asdict(settings), indent=1))
-                with open(folder / "log.txt", "a") as out:  # a session of its own: Ctrl-C reaches it through us
-                    running[key] = subprocess.Popen([sys.executable, Path(__file__).resolve(), "--resume", folder],
-                                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-                say(key, "started")
-            time.sleep(1)
-            for key, child in list(running.items()):
-                if child.poll() is not None:  # done, then its last stages are said
-                    del running[key]
-                stages = progress(*runs[key][1:])
-                for text in stages[told[key]:]:
-                    say(key, text)
-                told[key] = max(told[key], len(stages))  # a resumed run rewrites its metrics
-                if key not in running and child.returncode:
-                    tail = (runs[key][1] / "log.txt").read_text(errors="replace").strip().splitlines()
-                    why = tail[-1][:300] if tail else "(no output)"  # the error of a failed run
-                    failed.append(f"{label(key)} ({runs[key][1] / 'log.txt'}: {why})")
-                    say(key, f"failed (exit {child.returncode}): {why}")
-    except KeyboardInterrupt:
-        for child in running.values():
-            child.send_signal(signal.SIGINT)
-        for child in running.values():
-            child.wait()
-        raise
-    if failed:
-        fail(f"{len(failed)} of {len(runs)} runs failed: {'; '.join(failed)}; the others finished. Mend, then "
-             f"continue with: python rl4vlm.py --resume {run_dir}")
-
-
-def label(key) -> str:
-    return " ".join(filter(None, [key[0], key[1], f"seed {key[2]}"]))  # (task, variant, seed) -> "Points24 seed 1"
-
-
-def progress(folder: Path, s: Settings) -> list[str]:
-    """The stages a run has reached: the warm start's evaluation, each checkpointed update, the evaluation after RL."""
-    results, num_updates = finished(folder), max(1, s.total_steps // (s.num_envs * s.num_steps))
-    stages = [f"warm start: success {100 * results['warm_start']['success']:.1f}%"] if "warm_start" in results else []
-    lines = (folder / "metrics.jsonl").read_text().split("\n")[:-1] if (folder / "metrics.jsonl").exists() else []
-    stages += [f"update {m['update']}/{num_updates}: success {m['success']:.3f}, format failures "  # whole lines only
-               f"{m['format_fail']:.3f}, kept steps' approx_kl up to {m['step_kl_max']:.4f}"
-               for m in map(json.loads, lines) if m["update"] % s.checkpoint_every == 0 or m["update"] == num_updates]
-    return stages + ([f"after RL: success {100 * results['rl']['success']:.1f}%"] if "rl" in results else [])
-
-
-def seed_rows(rows, seeds) -> list[str]:
-    """Markdown rows of success % per seed, the mean and the min-max: rows of (cells..., [result per seed], paper)."""
-    out = ["| task | policy | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | min-max | paper (7B) |",
-           "|---" * (len(seeds) + 5) + "|"]
-    for *labels, per_seed, paper in rows:
-        pct = [100 * r["success"] for r in per_seed]
-        out.append(f"| {' | '.join(labels)} | " + " | ".join(f"{p:.1f}" for p in pct)
-                   + f" | {np.mean(pct):.1f} | {min(pct):.1f}-{max(pct):.1f} | {paper} |")
-    return out
-
-
-def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
-    """Markdown: success % per seed, mean and min-max, the paper's, expert match, PPO step sizes, pages. CSV: all."""
-    stages = (("warm_start", "warm start only", "sft"), ("rl", "after RL", "rl"))
-    rows = [(t.name, label, [results[t.name, seed][stage] for seed in seeds], t.paper[paper])
-            for t in tasks for stage, label, paper in stages]
-    md = [f"Success % (seeds {', '.join(map(str, seeds))}; 500 held-out episodes a cell unless --eval-episodes "
-          "says otherwise)", "", *seed_rows(rows, seeds), "",
-          "Warm start -> after RL, means over the seeds; the approx_kl of every kept PPO step and the undone ones:", "",
-          "| task | greedy action = expert's % | answers read right % | thoughts true % | format failures % | "
-          "approx_kl median | max | undone steps |", "|---" * 8 + "|"]
-    csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,read_right,thought_right,format_fail,solvable,"
-           "paper"]
-    for t in tasks:
-        mean = {k: [100 * np.mean([results[t.name, seed][stage][k] for seed in seeds]) for stage, *_ in stages]
-                for k in ("expert_match", "read_right", "thought_right", "format_fail")}
-        updates = [m for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]
-        kl = [kl for m in updates for kl in m["step_kls"]] or [math.nan]  # every kept step
-        md.append(f"| {t.name} | " + " | ".join("{:.1f} -> {:.1f}".format(*v) for v in mean.values())
-                  + f" | {np.median(kl):.4f} | {max(kl):.4f} | {sum(m['undone_steps'] for m in updates)} |")
-        for seed, (stage, _, paper) in itertools.product(seeds, stages):
-            r = results[t.name, seed][stage]
-            csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},"
-                       f"{r['episodes']},{r['expert_match']:.4f},{r['read_right']:.4f},{r['thought_right']:.4f},"
-                       f"{r['format_fail']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
-    md += [f"\n{t.name}: {100 * np.mean([results[t.name, seed]['rl']['solvable'] for seed in seeds]):.1f}% of the "
-           "evaluated deals can be won at all." for t in tasks if t.solvable]
-    pages = [f"[{t.name} seed {seed}, {stage}](seed{seed}/{t.name}/episodes-{stage}.md)" for t in tasks
-             for seed in seeds for stage, *_ in stages
-             if (run_dir / f"seed{seed}" / t.name / f"episodes-{stage}.md").exists()]
-    md += ["", "Episodes step by step: " + ", ".join(pages)] if pages else []
-    return "\n".join(md), "\n".join(csv) + "\n"
 
 
 def main(argv=None) -> dict:
@@ -1470,24 +1129,24 @@ def main(argv=None) -> dict:
     run_dir = Path(s.resume) if s.resume else None
     if run_dir:  # the run's own settings; the command line only names the run
         s = Settings(**json.loads((run_dir / "settings.json").read_text()))
-    s = init_distributed(s)
+    s = lab.init_distributed(s)
     tasks = tasks_of(s.env)
-    started = gather(int(time.time()))[0]  # rank 0's clock names the run on every rank
+    started = lab.gather(int(time.time()))[0]  # rank 0's clock names the run on every rank
     if not run_dir:
         name = [SUITE if s.env == SUITE else "-".join(t.name for t in tasks)] + [s.ablations] * bool(s.ablations)
         name += ["seeds" + "-".join(map(str, s.seeds)) if s.seeds else f"seed{s.seed}", str(started)]
         run_dir = Path(s.out_dir) / (s.run_name or "-".join(name))
         if (run_dir / "settings.json").exists():
-            fail(f"{run_dir} holds a run; continue it with --resume {run_dir} or pick another --run-name")
-    gather(None)  # every rank has looked before rank 0 writes
+            lab.fail(f"{run_dir} holds a run; continue it with --resume {run_dir} or pick another --run-name")
+    lab.gather(None)  # every rank has looked before rank 0 writes
     try:
         if len(tasks) == 1 and not s.seeds and not s.ablations:
-            return run(with_task_defaults(s, tasks[0]), tasks[0], run_dir)
-        if rank_and_world()[0] == 0:  # several runs: run_dir/seed<n>/<task>, tables over them
-            write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
-        return run_many(s, tasks, run_dir)
+            return run(tasks[0].with_defaults(s), tasks[0], run_dir)
+        if lab.rank_and_world()[0] == 0:  # several runs: run_dir/seed<n>/<task>, tables over them
+            lab.write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
+        return lab.run_many(s, tasks, run_dir, run)
     except KeyboardInterrupt:
-        if rank_and_world()[0] == 0:
+        if lab.rank_and_world()[0] == 0:
             print(f"\ninterrupted; continue with: python rl4vlm.py --resume {run_dir}", flush=True)
         raise SystemExit(130)
 

@@ -8,6 +8,7 @@ from dataclasses import fields, replace
 from types import SimpleNamespace
 import copy
 import fcntl
+import hashlib
 from itertools import combinations_with_replacement
 from pathlib import Path
 import json
@@ -35,7 +36,9 @@ import numpy as np
 import pytest
 import torch
 
+from bench import TINY, bpe_tokenizer, build_gemma3
 import envs
+import lab
 import parse
 import ppo
 import rl4vlm
@@ -183,7 +186,7 @@ def policy(base_policy):
 
 def settings(**kw):
     task = envs.get_task(kw.pop("env", "numberline"))
-    return rl4vlm.with_task_defaults(rl4vlm.Settings(**kw), task), task
+    return task.with_defaults(rl4vlm.Settings(**kw)), task
 
 
 def states(n, seed=0):
@@ -263,7 +266,7 @@ def two_rank_job(rank, port, policy_dir, cache, out):
     its half of update_batch(); (2) a run of 2 updates, the same run stopped during update 2,
     then resumed. Writes what it saw to out/rank<r>.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    rl4vlm.init_distributed(rl4vlm.Settings(dist_timeout=2.0))
+    lab.init_distributed(rl4vlm.Settings(dist_timeout=2.0))
     policy = replace(rl4vlm.load_policy(str(cache / "builtin-seed1"), "cpu"), temperature=0.2)
     ppo.load_adapter(policy.model, policy_dir)
     policy.model.eval()
@@ -346,8 +349,8 @@ def damage(run, kind):
         lines = (run / "metrics.jsonl").read_text().splitlines()
         (run / "metrics.jsonl").write_text("\n".join([lines[0][:30]] + lines[1:]) + "\n")
     elif kind == "half-written cached model":
-        weights, = Path(json.loads((run / "settings.json").read_text())["cache_dir"]).glob("sft-*/model.safetensors")
-        weights.write_bytes(weights.read_bytes()[:5000])
+        for weights in Path(json.loads((run / "settings.json").read_text())["cache_dir"]).glob("sft-*/model.safetensors"):
+            weights.write_bytes(weights.read_bytes()[:5000])  # the run's warm start among them
     elif kind == "pickle payload in envs.json":
         (checkpoint / "envs.json").write_bytes(pickle.dumps(RunsCode(run.parent / "marker")))
     elif kind == "pickle payload in state.pt":
@@ -413,25 +416,6 @@ def ppo_step(policy, s, samples, lr=1e-2):
 # act / forward / ppo_update (3-D rotary positions, mm_token_type_ids, flat pixel_values).
 
 
-def bpe_tokenizer(specials, add_bos=False, **special_tokens):
-    """A byte-level BPE tokenizer trained on the tasks' text, with `specials` as special tokens;
-    with add_bos it puts BOS before every text, as Llama's and Gemma's tokenizers do."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(rl4vlm.task_corpus(0, episodes=3), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if add_bos:
-        bos = special_tokens["bos_token"]
-        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bpe.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, padding_side="left", **special_tokens)
-
-
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-
-
 def build_llava(folder):
     """LLaVA-1.5 layout: CLIP vision tower, projector, Llama; chat turns in Vicuna style; no pad
     token, as Mistral's tokenizer (LLaVA-NeXT's) has none."""
@@ -482,36 +466,6 @@ def build_idefics3(folder):
     return Idefics3ForConditionalGeneration(config), processor
 
 
-def build_gemma3(folder):
-    """Gemma3: SigLIP vision tower, pooled projector, token_type_ids for bidirectional attention
-    over the image, a turn that ends in <end_of_turn> while the tokenizer's EOS is <eos>."""
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
-                              Gemma3TextConfig, SiglipVisionConfig)
-    tok = bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                         "<end_of_image>", "<image_soft_token>"], add_bos=True,
-                        pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                              "image_token": "<image_soft_token>", "sot_token": "<start_of_turn>",
-                                              "eot_token": "<end_of_turn>"})
-    template = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
-                "else m['role']) + '\n' }}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<start_of_image>' }}"
-                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<end_of_turn>\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-    px, patch, tokens = 32, 8, 4
-    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
-    config = Gemma3Config(
-        vision_config=SiglipVisionConfig(**TINY, image_size=px, patch_size=patch),
-        text_config=Gemma3TextConfig(**TINY, num_key_value_heads=1, head_dim=16, vocab_size=len(tok), sliding_window=16,
-                                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=stop),
-        mm_tokens_per_image=tokens, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
-        image_token_index=tok.image_token_id)
-    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": px, "width": px}),
-                                tokenizer=tok, image_seq_length=tokens, chat_template=template)
-    model = Gemma3ForConditionalGeneration(config)
-    model.generation_config.eos_token_id = stop  # as the hub checkpoints have it
-    return model, processor
-
-
 BUILDERS = {"llava": build_llava, "idefics3": build_idefics3, "gemma3": build_gemma3}
 
 
@@ -546,7 +500,7 @@ def fast_args(folder, tmp_path, *extra):
 def load(folder, **settings):
     """The policy as run() sees it: loaded from the folder, answering as the settings say, LoRA on the default
     targets (B made random so that the adapters take part), a value head."""
-    s = rl4vlm.with_task_defaults(rl4vlm.Settings(**settings), envs.get_task("numberline"))
+    s = envs.get_task("numberline").with_defaults(rl4vlm.Settings(**settings))
     policy = replace(rl4vlm.load_policy(str(folder), "cpu", s.dtype), temperature=s.temperature,
                      max_new_tokens=s.max_new_tokens, thought_coef=s.thought_coef)
     torch.manual_seed(0)
@@ -1403,6 +1357,7 @@ def test_every_float_flag_refuses_nan_and_inf(name, value):
     assert str(e.value).startswith(f"rl4vlm.py: error: --{name.replace('_', '-')} must be") and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_bad_flag_exits_nonzero_with_one_line():
     out = subprocess.run([sys.executable, str(HERE / "rl4vlm.py"), "--lora-rank", "0"],
                          capture_output=True, text=True, cwd=HERE)
@@ -1619,6 +1574,7 @@ def test_no_legal_action_plays_a_random_action_and_counts_as_thought(policy, mon
 # --- the warm start -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_perception_heads_learn_the_labels_of_a_small_batch(policy):
     """The warm start's auxiliary loss: on one batch of 8 NumberLine states, its heads come to
     read each state's labels (current, target) off the image features and the last prompt token."""
@@ -1636,6 +1592,7 @@ def test_perception_heads_learn_the_labels_of_a_small_batch(policy):
     assert stats["image_acc"] == stats["prompt_acc"] == 1.0, stats
 
 
+@pytest.mark.slow
 def test_warm_start_learns_the_answers_of_an_sft_data_file(llava, tmp_path):
     """After the warm start on a two-line file, greedy decoding writes each line's answer (the
     lines' prompts name their deal, so that the tiny random model can tell them apart)."""
@@ -1647,7 +1604,7 @@ def test_warm_start_learns_the_answers_of_an_sft_data_file(llava, tmp_path):
     policy = rl4vlm.load_policy(str(llava), "cpu")
     torch.manual_seed(0)
     rl4vlm.warm_start(policy, task, s, False, np.random.default_rng(0), lambda *a: None)
-    for row in rl4vlm.read_sft_data(s.sft_data):
+    for row in lab.read_sft_data(s.sft_data):
         image = np.asarray(Image.open(row["image"]).convert("RGB"))
         prompt = rl4vlm.pad_prompts(rl4vlm.encode_prompts(policy.processor, [image], [row["prompt"]], "cpu"), policy.pad_id)
         out = policy.model.generate(**prompt, do_sample=False, max_new_tokens=60)
@@ -1664,14 +1621,16 @@ def test_the_warm_start_learning_rate_falls_to_0_on_a_cosine(llava, tmp_path, mo
     assert rates == pytest.approx([1e-2, 1e-2 * (1 + 2 ** -0.5) / 2, 1e-2 / 2, 1e-2 * (1 - 2 ** -0.5) / 2], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_run_warm_started_on_an_sft_data_file(llava, tmp_path):
     data = write_sft_data(tmp_path / "data")
     rl4vlm.main(fast_args(llava, tmp_path, "--sft-data", str(data), "--run-name", "sft"))
     warm, = (tmp_path / "cache").glob("sft-*")
     info = json.loads((warm / "warm_start.json").read_text())
-    assert info["sft_data"] and info["aux"] is False and info["step"] == 2
+    assert info["data"] == hashlib.sha256(data.read_bytes()).hexdigest() and info["aux"] is False and info["step"] == 2
 
 
+@pytest.mark.slow
 def test_sft_steps_0_starts_rl_from_the_model_itself(llava, tmp_path):
     results = rl4vlm.main(fast_args(llava, tmp_path, "--sft-steps", "0", "--run-name", "no-sft"))
     assert set(results) == {"warm_start", "rl"} and not list((tmp_path / "cache").glob("sft-*"))
@@ -1685,10 +1644,10 @@ def test_env_pool_saves_its_state_as_json_and_continues_the_same(env_id):
     pool = rl4vlm.EnvPool(env_id, 32, range(5, 1000))
     for i in range(32):
         pool.step(i, 1)
-    saved = json.dumps(pool.state())
+    saved = json.dumps(lab.pool_state(pool))
     assert len(saved) < 64_000, f"{len(saved)} bytes: pictures or spaces were saved"
     copy = rl4vlm.EnvPool(env_id, 32, range(5, 1000))  # other deals, then the saved state over them
-    copy.load_state(json.loads(saved))
+    lab.load_pool_state(copy, json.loads(saved))
     assert all(np.array_equal(a, b) for a, b in zip(pool.obs, copy.obs)) and copy.infos == pool.infos
     for action in (0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1):  # episodes end and begin again
         for i in range(32):
@@ -1903,43 +1862,59 @@ def test_diagnostics_on_a_hand_made_batch():
 
 
 def test_wilson_interval():
-    low, high = rl4vlm.wilson(5, 10)
+    low, high = lab.wilson(5, 10)
     assert abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4  # textbook value
-    assert rl4vlm.wilson(0, 10)[0] == 0.0 and abs(rl4vlm.wilson(10, 10)[1] - 1.0) < 1e-12
+    assert lab.wilson(0, 10)[0] == 0.0 and abs(lab.wilson(10, 10)[1] - 1.0) < 1e-12
 
 
-# The FAST run of seed 1 (one thread), as recorded on this project's CPU machines: per update (counts and shares,
-# losses and KL), then the evaluations. These are the numbers the method computes, so a change that moves them
-# changes what a run learns: record them again only when that is the change's purpose, and say so.
-RECORDED_UPDATES = [  # recorded again for issue 24: the Points thoughts (cards sorted) change the tokenizer's corpus
-    (dict(episodes=1, success=1.0, mean_return=1.0, format_fail=1.0, optimizer_steps=3, undone_steps=2, read_right=0.0,
-          thought_right=0.3125, action_share={"-": 0.6875, "+": 0.3125}),
-     dict(approx_kl=0.01965257, clipfrac=0.3125, policy_loss=-0.02438132, value_loss=1.305113, grad_norm=6.245492,
-          step_kl_max=0.03387573, warm_kl=0.002715958)),
-    (dict(episodes=1, success=0.0, mean_return=-3.0, format_fail=1.0, optimizer_steps=5, undone_steps=1, read_right=0.0,
-          thought_right=0.25, action_share={"-": 0.375, "+": 0.625}),
-     dict(approx_kl=0.02339676, clipfrac=0.5, policy_loss=-0.04157470, value_loss=1.090551, grad_norm=4.815788,
-          step_kl_max=0.04462457, warm_kl=0.01010571)),
-    (dict(episodes=3, success=0.0, mean_return=-4.666666666666667, format_fail=1.0, optimizer_steps=8, undone_steps=0,
-          read_right=0.0, thought_right=0.4375, action_share={"-": 0.6875, "+": 0.3125}),
-     dict(approx_kl=0.004669712, clipfrac=0.3125, policy_loss=-0.03574376, value_loss=0.4174798, grad_norm=5.855754,
-          step_kl_max=0.01487857, warm_kl=0.009409771)),
-]
-RECORDED_RESULTS = {
-    "warm_start": dict(success=0.25, mean_return=-1.5, format_fail=1.0, read_right=0.0,
-                       thought_right=0.5789473684210527, expert_match=0.0),
-    "rl": dict(success=0.25, mean_return=-1.5, format_fail=1.0, read_right=0.0, thought_right=0.5789473684210527,
-               expert_match=0.0)}
+# The recorded run: FAST with a warm start long enough that its answers parse (format failures under 50% in every
+# update), so that the thought/action split, the lambda weighting, read_right and the action shares run end to end.
+# RECORDED holds what it computed on this project's CPU machines (seed 1, one thread): per update (counts and shares
+# exactly, losses and KL to 1e-3), then the evaluations. A change that moves these numbers changes what a run learns.
+# Record them again only when that is the change's purpose: `python test_all.py --record` runs it and rewrites the
+# block below; review the change with `git diff test_all.py` and say why in the commit.
+RECORDED_RUN = FAST + ["--sft-steps", "60", "--sft-batch", "8"]
+COUNTS = ["episodes", "success", "mean_return", "format_fail", "optimizer_steps", "undone_steps", "read_right",
+          "thought_right", "action_share"]
+MEASURED = ["approx_kl", "clipfrac", "policy_loss", "value_loss", "grad_norm", "step_kl_max", "warm_kl"]
+STAGE = ["success", "mean_return", "format_fail", "read_right", "thought_right", "expert_match"]
+NaN = math.nan  # as JSON writes it: an update in which no episode ended has no success rate
+# ---- recorded run: begin
+RECORDED = {"updates": [
+ [{"episodes": 1, "success": 0.0, "mean_return": 0.0, "format_fail": 0.0, "optimizer_steps": 3, "undone_steps": 0, "read_right": 0.0, "thought_right": 0.5625, "action_share": {"-": 0.125, "+": 0.875}}, {"approx_kl": 0.03340317, "clipfrac": 0.53125, "policy_loss": -0.01960343, "value_loss": 1.757018, "grad_norm": 3.75597, "step_kl_max": 0.04594456, "warm_kl": 0.01092082}],
+ [{"episodes": 0, "success": NaN, "mean_return": NaN, "format_fail": 0.1875, "optimizer_steps": 8, "undone_steps": 0, "read_right": 0.0, "thought_right": 0.5625, "action_share": {"-": 0.5, "+": 0.5}}, {"approx_kl": 0.0112598, "clipfrac": 0.4375, "policy_loss": -0.01739199, "value_loss": 0.7275216, "grad_norm": 1.91047, "step_kl_max": 0.02731085, "warm_kl": 0.02685917}],
+ [{"episodes": 5, "success": 0.2, "mean_return": -3.4, "format_fail": 0.0, "optimizer_steps": 8, "undone_steps": 0, "read_right": 0.0625, "thought_right": 0.5, "action_share": {"-": 0.3125, "+": 0.6875}}, {"approx_kl": 0.001113542, "clipfrac": 0.03125, "policy_loss": -0.01028229, "value_loss": 0.6601078, "grad_norm": 1.673476, "step_kl_max": 0.006987333, "warm_kl": 0.02286868}],
+], "results": {
+ "warm_start": {"success": 0.25, "mean_return": -3.75, "format_fail": 0.03448275862068961, "read_right": 0.034482758620689655, "thought_right": 0.4482758620689655, "expert_match": 0.25},
+ "rl": {"success": 0.5, "mean_return": -1.75, "format_fail": 0.06666666666666665, "read_right": 0.0, "thought_right": 0.4, "expert_match": 0.25},
+}}
+# ---- recorded run: end
 
 
 def check_recorded(rows, results):
     """What the method computed, against the recorded run: counts and shares exactly, losses and KL to 1e-3."""
-    for row, recorded in zip(rows, RECORDED_UPDATES, strict=True):
-        counts, measured = recorded
-        assert {k: row[k] for k in counts} == counts, row["update"]
+    for row, (counts, measured) in zip(rows, RECORDED["updates"], strict=True):
+        assert json.dumps({k: row[k] for k in counts}) == json.dumps(counts), row["update"]  # nan as NaN
         assert {k: row[k] for k in measured} == pytest.approx(measured, rel=1e-3), row["update"]
-    for stage, recorded in RECORDED_RESULTS.items():
+        assert row["format_fail"] < 0.5, "the recorded run must exercise parsed answers"
+    for stage, recorded in RECORDED["results"].items():
         assert {k: results[stage][k] for k in recorded} == pytest.approx(recorded, rel=1e-6), stage
+
+
+def record():
+    """python test_all.py --record: the recorded run again, in a new cache; its numbers replace the RECORDED block."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        rl4vlm.main(RECORDED_RUN + ["--cache-dir", f"{tmp}/cache", "--out-dir", tmp, "--run-name", "run"])
+        rows, results = lab.metrics(Path(tmp) / "run"), lab.finished(Path(tmp) / "run")
+    updates = [[{k: r[k] for k in COUNTS}, {k: float(f"{r[k]:.7g}") for k in MEASURED}] for r in rows]
+    stages = {stage: {k: r[k] for k in STAGE} for stage, r in results.items()}
+    lines = ["RECORDED = {\"updates\": ["] + [f" {json.dumps(u)}," for u in updates] + ["], \"results\": {"]
+    lines += [f" {json.dumps(stage)}: {json.dumps(r)}," for stage, r in stages.items()] + ["}}"]
+    text, begin, end = HERE.joinpath("test_all.py").read_text(), "# ---- recorded run: begin\n", "# ---- recorded run: end\n"
+    head, rest = text.split(begin)
+    HERE.joinpath("test_all.py").write_text(head + begin + "\n".join(lines) + "\n" + end + rest.split(end)[1])
+    print(f"recorded {len(updates)} updates and {len(stages)} evaluations; review: git diff test_all.py")
 
 
 @pytest.mark.parametrize("keep", [1, 2, 4])
@@ -1948,19 +1923,20 @@ def test_the_newest_keep_checkpoints_stay(base_policy, tmp_path, keep):
     pool, rng = rl4vlm.EnvPool("gym_cards/NumberLine-v0", 1, range(3)), np.random.default_rng(0)
     (tmp_path / "checkpoint-00009").mkdir()  # of an abandoned future (a resume from 3 wrote 4 on): deleted
     for update in (1, 2, 3):
-        rl4vlm.save_checkpoint(tmp_path, update, base_policy, scheduler, pool, rng, keep)
+        lab.save_checkpoint(tmp_path, update, base_policy, scheduler, pool, rng, keep)
     names = [f"checkpoint-{k:05d}" for k in (1, 2, 3)][-keep:]  # 4 keeps all three
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == names
     assert (tmp_path / "latest").read_text() == "checkpoint-00003"
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sigkill(cache, tmp_path, monkeypatch):
-    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
-    saved, save = [], rl4vlm.save_checkpoint
-    monkeypatch.setattr(rl4vlm, "save_checkpoint", lambda run_dir, update, *a: (saved.append(update), save(run_dir, update, *a)))
+    common = RECORDED_RUN + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
+    saved, save = [], lab.save_checkpoint
+    monkeypatch.setattr(lab, "save_checkpoint", lambda run_dir, update, *a: (saved.append(update), save(run_dir, update, *a)))
     results = rl4vlm.main(common + ["--run-name", "full"])
     full = tmp_path / "full"
-    rows = rl4vlm.metrics(full)
+    rows = lab.metrics(full)
     assert [r["update"] for r in rows] == [1, 2, 3]
     assert saved == [2, 3], "--checkpoint-every 2: after update 2 and after the last"
     # the cosine schedule: update k of N steps at lr_min + (lr - lr_min) (1 + cos(pi (k - 1) / N)) / 2
@@ -1991,10 +1967,11 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sig
         process.wait()
     assert "rl" not in json.loads((killed / "results.json").read_text()), "the run ended before it was killed"
     resumed = rl4vlm.main(["--resume", str(killed)])
-    assert strip_timing(rl4vlm.metrics(killed)) == strip_timing(rows)
+    assert strip_timing(lab.metrics(killed)) == strip_timing(rows)
     assert strip_seconds(resumed) == strip_seconds(results)
 
 
+@pytest.mark.slow
 def test_every_tensor_is_made_on_the_device_it_is_used_on(cache, tmp_path, monkeypatch):
     """With torch's default device set to meta, a tensor made without naming its device lands on meta and raises
     where it meets the policy's (CPU) tensors, as a CPU tensor meets a GPU run's; only the processor and model
@@ -2010,14 +1987,15 @@ def test_every_tensor_is_made_on_the_device_it_is_used_on(cache, tmp_path, monke
     with torch.device("meta"):
         with monkeypatch.context() as patch, pytest.raises(SystemExit):
             patch.setattr(rl4vlm, "ppo_update", interrupting(rl4vlm.ppo_update, at_call=3))
-            rl4vlm.main(FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "run"])
+            rl4vlm.main(RECORDED_RUN + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--run-name", "run"])
         results = rl4vlm.main(["--resume", str(tmp_path / "run")])
-    check_recorded(rl4vlm.metrics(tmp_path / "run"), results)
+    check_recorded(lab.metrics(tmp_path / "run"), results)
 
 
 @pytest.mark.parametrize("kind", ["truncated state.pt", "missing envs.json", "latest names nothing",
                                   "damaged metrics line", "half-written cached model",
                                   "pickle payload in envs.json", "pickle payload in state.pt"])
+@pytest.mark.slow
 def test_a_damaged_run_folder_stops_with_one_line_and_changes_nothing(stopped_run, tmp_path, kind):
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
@@ -2036,6 +2014,7 @@ def test_a_damaged_run_folder_stops_with_one_line_and_changes_nothing(stopped_ru
     assert not (tmp_path / "marker").exists(), "the payload ran"
 
 
+@pytest.mark.slow
 def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, two_ranks):
     """One PPO update (2 epochs of 2 minibatches, SGD) on 8 samples in one process, and on 4
     samples in each of two gloo processes: the same weights within 1e-6, on both ranks alike."""
@@ -2057,22 +2036,24 @@ def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, tw
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_two_ranks_resume_exactly(two_ranks):
     """A two-rank run stopped during update 2 and resumed writes the update-2 metrics of the
     uninterrupted two-rank run; only rank 0 writes."""
     (rank0, rank1), out = two_ranks
     assert rank0["stopped_code"] == rank1["stopped_code"] == 130
-    assert strip_timing(rl4vlm.metrics(out / "stopped")) == strip_timing(rl4vlm.metrics(out / "full"))
-    assert len(rl4vlm.metrics(out / "full")) == 2
+    assert strip_timing(lab.metrics(out / "stopped")) == strip_timing(lab.metrics(out / "full"))
+    assert len(lab.metrics(out / "full")) == 2
     assert len(json.loads((out / "full" / "checkpoint-00002" / "envs.json").read_text())) == 2, "both ranks' envs"
     assert rank0["resumed"]["rl"]["success"] == rank0["full"]["rl"]["success"]
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_other_instead_of_hanging():
     """Two gloo processes: rank 1 raises, rank 0 waits for it in a gather and must fail too (a
     3-second process-group timeout), not hang."""
-    job = ("import os, rl4vlm; rl4vlm.init_distributed(rl4vlm.Settings(dist_timeout=0.05))\n"
-           "if os.environ['RANK'] == '1': raise RuntimeError('rank 1 fails')\nrl4vlm.gather('rank 0 waits')")
+    job = ("import os, lab, rl4vlm; lab.init_distributed(rl4vlm.Settings(dist_timeout=0.05))\n"
+           "if os.environ['RANK'] == '1': raise RuntimeError('rank 1 fails')\nlab.gather('rank 0 waits')")
     port = free_port()
     processes = [subprocess.Popen([sys.executable, "-c", job], cwd=HERE, stderr=subprocess.DEVNULL, env=dict(
         os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"))
@@ -2080,23 +2061,57 @@ def test_a_failing_rank_stops_the_other_instead_of_hanging():
     assert [p.wait(timeout=120) for p in processes] == [1, 1], "rank 0 must fail too, not wait"
 
 
+@pytest.mark.slow
 def test_a_seed_of_several_gives_what_it_gives_alone(cache, tmp_path):
     """--seeds runs each seed as --seed would: the tables may gather runs made one seed at a time."""
     common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--total-steps", "16", "--env", "numberline"]
     both = rl4vlm.main(common + ["--run-name", "both", "--seeds", "2", "1", "--workers", "1"])
     alone = rl4vlm.main(common + ["--run-name", "alone", "--seed", "1"])
-    assert strip_timing(rl4vlm.metrics(tmp_path / "both" / "seed1" / "NumberLine")) == strip_timing(rl4vlm.metrics(tmp_path / "alone"))
+    assert strip_timing(lab.metrics(tmp_path / "both" / "seed1" / "NumberLine")) == strip_timing(lab.metrics(tmp_path / "alone"))
     assert strip_seconds(both["NumberLine", "", 1]) == strip_seconds(alone)
     assert (tmp_path / "both" / "results.md").read_text().count("| NumberLine |") == 3  # 2 stages + diagnostics
 
 
+def cache_keys() -> tuple[str, str]:
+    """The built-in model's key and NumberLine's warm-start key (its defaults), from the envs module rl4vlm uses."""
+    task = rl4vlm.envs.get_task("numberline")
+    s = task.with_defaults(rl4vlm.Settings())
+    return rl4vlm.builtin_key(1), json.dumps(rl4vlm.warm_start_key(s, task, "base"), sort_keys=True)
+
+
+def test_cached_models_are_keyed_on_what_shapes_them_not_on_envs_py_bytes(tmp_path, monkeypatch):
+    """envs.py with a comment and a docstring changed finds the same cached models; a changed prompt or answer does
+    not: the built-in model's tokenizer and the warm start learn from them."""
+    import importlib.util
+    text = (HERE / "envs.py").read_text()
+    edited = text.replace('"""A task by its env id', '"""Edited for this test. A task by its env id', 1) + "# a comment\n"
+    assert edited != text and "Edited for this test" in edited
+    (tmp_path / "envs.py").write_text(edited)
+    spec = importlib.util.spec_from_file_location("envs", tmp_path / "envs.py")
+    copy_of_envs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy_of_envs)  # its tasks, prompts and experts: the gym envs stay registered as they are
+    here = cache_keys()
+    with monkeypatch.context() as patch:
+        patch.setattr(rl4vlm, "envs", copy_of_envs)
+        assert rl4vlm.envs.get_task.__doc__.startswith("Edited") and cache_keys() == here
+    prompt, answer = envs.Task.prompt, envs.Task.answer
+    monkeypatch.setattr(envs.Task, "prompt", lambda task, info, cot: prompt(task, info, cot) + " Think first.")
+    changed_prompt = cache_keys()
+    monkeypatch.setattr(envs.Task, "prompt", prompt)
+    monkeypatch.setattr(envs.Task, "answer", lambda task, info, action, cot: answer(task, info, action, cot) + " ")
+    changed_answer = cache_keys()
+    for changed in (changed_prompt, changed_answer):
+        assert changed[0] != here[0] and changed[1] != here[1]
+
+
+@pytest.mark.slow
 def test_a_process_waits_while_another_builds_a_cached_model(tmp_path):
-    """rl4vlm.building: while this test holds the lock and builds, a second process that needs the same folder
+    """lab.building: while this test holds the lock and builds, a second process that needs the same folder
     waits, then finds it built (without the lock it would see no folder and build it too)."""
     folder = tmp_path / "model"
-    job = ("import sys, rl4vlm; from pathlib import Path\nfolder = Path(sys.argv[1])\nprint('ready', flush=True)\n"
-           "with rl4vlm.building(folder):\n    print('built' if not folder.exists() else 'found', flush=True)")
-    with rl4vlm.building(folder):
+    job = ("import sys, lab; from pathlib import Path\nfolder = Path(sys.argv[1])\nprint('ready', flush=True)\n"
+           "with lab.building(folder):\n    print('built' if not folder.exists() else 'found', flush=True)")
+    with lab.building(folder):
         other = subprocess.Popen([sys.executable, "-c", job, str(folder)], cwd=HERE, stdout=subprocess.PIPE, text=True)
         assert other.stdout.readline() == "ready\n"
         time.sleep(0.5)  # the other process is at the lock now
@@ -2124,7 +2139,7 @@ def parallel_suite(cache, tmp_path_factory):
                    "--total-steps", "32"]
     # both runs wait at the built-in model's lock, held here until the interrupt, so neither can finish first
     # (released however this block ends: a later test's runs take the same lock)
-    with open(cache / f".builtin-{rl4vlm.TEXTS}-seed1.lock", "w") as lock:
+    with open(cache / f".builtin-{rl4vlm.builtin_key(1)}-seed1.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # SIGINT as a terminal's Ctrl-C sends it, also where the tests run with it ignored (a background job)
         suite = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *args, "--run-name", "suite"], cwd=HERE,
@@ -2139,12 +2154,13 @@ def parallel_suite(cache, tmp_path_factory):
         printed += suite.communicate(timeout=120)[0].splitlines(keepends=True)
     assert suite.returncode == 130, "".join(printed)
     left = [pid for pid, cmdline in command_lines().items() if f"--resume {out / 'suite'}" in cmdline]
-    stopped = [task for task in ("NumberLine", "Blackjack") if "rl" not in rl4vlm.finished(out / "suite" / "seed1" / task)]
+    stopped = [task for task in ("NumberLine", "Blackjack") if "rl" not in lab.finished(out / "suite" / "seed1" / task)]
     rl4vlm.main(["--resume", str(out / "suite")])
     rl4vlm.main(args + ["--run-name", "serial", "--workers", "1"])
     return out, "".join(printed), stopped, left
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_worker_and_prints_the_suites_resume_command(parallel_suite):
     out, printed, stopped, left = parallel_suite
     assert printed.splitlines()[-1] == f"interrupted; continue with: python rl4vlm.py --resume {out / 'suite'}"
@@ -2153,15 +2169,17 @@ def test_ctrl_c_stops_every_worker_and_prints_the_suites_resume_command(parallel
     assert stopped == ["NumberLine", "Blackjack"] and not left, f"runs went on after the suite stopped: {left}"
 
 
+@pytest.mark.slow
 def test_workers_2_interrupted_and_resumed_give_what_workers_1_gives(parallel_suite):
     out, *_ = parallel_suite
     for task in ("NumberLine", "Blackjack"):
         parallel, serial = out / "suite" / "seed1" / task, out / "serial" / "seed1" / task
-        assert strip_timing(rl4vlm.metrics(parallel)) == strip_timing(rl4vlm.metrics(serial)), task
-        assert strip_seconds(rl4vlm.finished(parallel)) == strip_seconds(rl4vlm.finished(serial)), task
+        assert strip_timing(lab.metrics(parallel)) == strip_timing(lab.metrics(serial)), task
+        assert strip_seconds(lab.finished(parallel)) == strip_seconds(lab.finished(serial)), task
     assert (out / "suite" / "results.md").read_text() == (out / "serial" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_stops_no_other_and_the_suite_names_it(parallel_suite, tmp_path):
     """The Blackjack run's checkpoint pointer is damaged and both runs are made unfinished: the resumed suite
     finishes NumberLine, names the Blackjack run and its log's last line, and exits non-zero."""
@@ -2177,10 +2195,11 @@ def test_a_run_that_fails_stops_no_other_and_the_suite_names_it(parallel_suite, 
     message = str(e.value)
     assert message.startswith("rl4vlm.py: error: 1 of 2 runs failed: Blackjack seed 1 (") and "\n" not in message
     assert "latest names no checkpoint folder" in message and f"--resume {suite}" in message, message
-    assert strip_seconds(rl4vlm.finished(suite / "seed1" / "NumberLine")) == \
-        strip_seconds(rl4vlm.finished(out / "suite" / "seed1" / "NumberLine"))
+    assert strip_seconds(lab.finished(suite / "seed1" / "NumberLine")) == \
+        strip_seconds(lab.finished(out / "suite" / "seed1" / "NumberLine"))
 
 
+@pytest.mark.slow
 def test_existing_run_folder_is_not_overwritten(cache, tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "settings.json").write_text("{}")
@@ -2219,7 +2238,7 @@ def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
             folder.mkdir(parents=True)
             updates = [dict(step_kls=[0.01, 0.02], undone_steps=0), dict(step_kls=[seed / 10], undone_steps=1)]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in updates))
-    md, csv = rl4vlm.suite_tables(tasks, [1, 3], results, tmp_path)
+    md, csv = lab.suite_tables(tasks, [1, 3], results, tmp_path)
     lines = md.splitlines()
     assert lines[2] == "| task | policy | seed 1 | seed 3 | mean | min-max | paper (7B) |"
     assert lines[4] == "| NumberLine | warm start only | 20.0 | 10.0 | 15.0 | 10.0-20.0 | 24.8 |"
@@ -2239,6 +2258,7 @@ def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
 # --- other model families: LLaVA, Idefics3, Gemma3 through --model FOLDER, Qwen2-VL's model ---
 
 
+@pytest.mark.slow
 def test_a_run_with_the_model_folder(folder, tmp_path):
     results = rl4vlm.main(fast_args(folder, tmp_path, "--run-name", "run"))
     assert set(results) == {"warm_start", "rl"} and results["rl"]["episodes"] == 2
@@ -2471,3 +2491,9 @@ def test_pictures_with_different_crop_counts_batch_as_each_alone(tmp_path):
             alone = rl4vlm.logprobs_and_values(policy, row, gen_ids[i:i + 1], gen_mask[i:i + 1])
             assert torch.allclose(batch[0][i], alone[0][0], atol=1e-5)
             assert torch.allclose(batch[1][i], alone[1][0], atol=1e-5)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        raise SystemExit("usage: python test_all.py --record  (the tests run with: python -m pytest -q test_all.py)")
+    record()

@@ -123,9 +123,9 @@ def main():
     argv = ["--env", "points24", "--seed", str(a.seed), "--sft-steps", str(a.sft_steps), "--sft-expert",
             str(a.sft_expert), "--sft-follow", str(a.sft_follow), "--eval-episodes", str(a.episodes),
             "--cache-dir", str(out / f"cache-{a.format}-w{a.width}-l{a.layers}{'-equals' * (a.dead_end == 'equals')}")]
-    # a cache per format and size (the tokenizer learns the format) and dead-end rule (not in the warm start's key)
-    s = rl4vlm.with_task_defaults(rl4vlm.parse_settings(argv + ["--max-new-tokens", str(a.max_new_tokens)] * bool(
-        a.max_new_tokens)), task)
+    # a cache per format and size, and dead-end rule (the keys see the corpus and data, not the model's size)
+    s = task.with_defaults(rl4vlm.parse_settings(argv + ["--max-new-tokens", str(a.max_new_tokens)] * bool(
+        a.max_new_tokens)))
     torch.set_num_threads(1)
     text_config = transformers.LlamaConfig
     sized = lambda **kw: text_config(**dict(kw, hidden_size=a.width, intermediate_size=2 * a.width,
