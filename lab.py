@@ -44,19 +44,66 @@ def fail(message: str):
     raise SystemExit(f"rl4vlm.py: error: {message}")
 
 
+class WriteFailed(Exception):
+    """A write that could not finish (no space, a quota, a read-only or vanished folder); its temporary is gone."""
+
+    def __init__(self, path: Path, error: Exception):
+        super().__init__(f"could not write {path} ({first_line(error)})")
+        self.path = path
+
+
 def write_atomically(path: Path, write) -> None:
-    """write(tmp) beside `path`, fsync, rename to `path`, fsync the folder: after a crash, old or new, never half."""
+    """write(tmp) beside `path`, fsync, rename to `path`, fsync the folder: after a crash, old or new, never half. A
+    write that fails removes its temporary and raises WriteFailed: what was being written, and why."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a crash
-    tmp.unlink(missing_ok=True)  # or a file
-    write(tmp)
-    for name in [*tmp.rglob("*"), tmp]:
-        flush(name)
-    if path.is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    flush(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path.parent)
+        write(tmp)
+        for name in [*tmp.rglob("*"), tmp]:
+            flush(name)
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        flush(path.parent)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors raise these for a full disk
+        remove(tmp)
+        raise WriteFailed(path, e) from e
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove the temporaries that writers killed mid-write (SIGKILL, out of memory) left in `folder`, named with
+    their process ids; a live writer's stay."""
+    for tmp in folder.glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not alive(int(pid)):
+            remove(tmp)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing sent, only the check
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+
+
+def stopped_writing(e: WriteFailed, run_dir: Path) -> str:
+    """The one line for a write that failed: what, where, the free space there, and how to go on."""
+    folder = e.path.parent
+    free = f", {shutil.disk_usage(folder).free / 2**20:.1f} MB free there" if folder.exists() else ""
+    return (f"{e}{free}; the last checkpoint and `latest` are as they were: make room, then continue with: "
+            f"python rl4vlm.py --resume {run_dir}")
 
 
 def flush(path: Path) -> None:
@@ -72,8 +119,10 @@ def write_text(path: Path, text: str) -> None:
 
 @contextmanager
 def building(folder: Path):
-    """One process at a time builds a cached folder; the others wait for it, then find it built."""
+    """One process at a time builds a cached folder; the others wait for it, then find it built. What dead writers
+    left beside it goes first (a live writer's stays: a parallel run building another cached model)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder.parent)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
         yield
@@ -86,8 +135,7 @@ def damaged(path: Path, advice: str):
         yield
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError, pickle.UnpicklingError,
             SafetensorError) as e:
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
-        fail(f"{path} is damaged or missing ({reason}); {advice}")
+        fail(f"{path} is damaged or missing ({first_line(e)}); {advice}")
 
 
 def read_sft_data(path: str) -> list[dict]:
@@ -237,21 +285,20 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def write_episodes(page: Path, task, label: str, episodes: dict, processor) -> None:
     """A Markdown page of whole episodes {deal seed: [(picture, sample, reward)]}, pictures in a folder beside it."""
     folder, lines = page.with_suffix(""), [f"# {task.name}, {label}: the first {len(episodes)} held-out episodes", ""]
-    folder.mkdir(parents=True, exist_ok=True)
+    pictures = {}  # file name -> picture
     for k, (seed, steps) in enumerate(episodes.items(), 1):
         lines += [f"## Episode {k} (deal seed {seed}): return {sum(r for *_, r in steps):g}", "",
                   "| step | picture | model input | answer | action | reward |", "|---|---|---|---|---|---|"]
         for t, (picture, x, reward) in enumerate(steps, 1):
-            Image.fromarray(picture).save(folder / f"{k}-{t}.png")
-            seen, cell = model_input(processor, x.prompt), ""
+            pictures[f"{k}-{t}.png"], seen, cell = Image.fromarray(picture), model_input(processor, x.prompt), ""
             if seen is not None:
-                seen.save(folder / f"{k}-{t}-input.png")
-                cell = f"![]({folder.name}/{k}-{t}-input.png)"
+                pictures[f"{k}-{t}-input.png"], cell = seen, f"![]({folder.name}/{k}-{t}-input.png)"
             action = task.actions[x.action]
             action = action if x.format_ok else f"no legal action: random {action} played"
             text = " ".join(x.text.splitlines()).replace("|", "\\|").replace("`", "'")  # one table cell
             lines.append(f"| {t} | ![]({folder.name}/{k}-{t}.png) | {cell} | `{text}` | {action} | {reward:g} |")
         lines.append("")
+    write_atomically(folder, lambda tmp: (tmp.mkdir(), [image.save(tmp / name) for name, image in pictures.items()]))
     write_text(page, "\n".join(lines))
 
 
@@ -309,7 +356,7 @@ def plot_curves(path: Path, runs: dict, title: str) -> None:
             d.text((X(xmax) + 16, y), f"{paper:g}%", fill=colour, font=font, anchor="lm")
         d.text((legend, 14), name, fill=colour, font=font)  # the legend, along the top
         legend += d.textlength(name, font=font) + 24
-    img.save(path)
+    write_atomically(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def report_run(run_dir: Path, task, results: dict, paper) -> str:
@@ -322,6 +369,26 @@ def report_run(run_dir: Path, task, results: dict, paper) -> str:
              f"{100 * r['thought_right']:.1f} | {r['episodes']} |" for name, r in results.items()]
     write_text(run_dir / "results.md", "\n".join(rows) + "\n")
     return "\n".join(rows)
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --track: the package each needs
+
+
+def tracker(s, run_dir: Path):
+    """--track: a function that logs an update's metrics (their numbers, the action shares as action_share/<name>)
+    at its env step to TensorBoard (run_dir/tensorboard) or Weights & Biases; without --track, one that does nothing."""
+    def numbers(m: dict) -> dict:
+        shares = {f"action_share/{k}": v for k, v in m["action_share"].items()}
+        return {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "env_steps"} | shares
+    if s.track == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        return lambda m: ([writer.add_scalar(k, v, m["env_steps"]) for k, v in numbers(m).items()], writer.flush())
+    if s.track == "wandb":
+        import wandb
+        wandb.init(project="rl4vlm", name=run_dir.name, config=asdict(s), dir=str(run_dir))
+        return lambda m: wandb.log(numbers(m), step=m["env_steps"])
+    return lambda m: None
+
 
 # ---- Several runs (tasks, seeds, ablation variants) in worker processes, and their tables
 RL4VLM = Path(__file__).with_name("rl4vlm.py")  # a run in a worker process: rl4vlm.py --resume FOLDER

@@ -18,6 +18,7 @@ import argparse
 import bisect
 import copy
 import hashlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -66,9 +67,10 @@ class Settings:
                           check=tuple(lab.ABLATIONS))
     out_dir: str = _opt("runs", "runs are written to OUT_DIR/RUN_NAME")
     run_name: str = _opt("", "default: <task>-seed<seed>-<unix time>")
+    track: str = _opt("", "also log each update's metrics to tensorboard or wandb", check=("", *lab.TRACKERS))
     resume: str = _opt("", "continue the run in this folder from its last checkpoint (its settings are used)")
     cache_dir: str = _opt(".cache", "the built-in model and warm-started models are cached here")
-    device: str = _opt("cpu", "torch device")
+    device: str = _opt("auto", "torch device: auto (cuda if there is one, else cpu), cpu, cuda, cuda:1...")
     dtype: str = _opt("float32", "model weights (LoRA, value head, logits, PPO maths: float32)", check=DTYPES)
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
     threads: int = _opt(1, "torch CPU threads (1: the same numbers on any machine, 0: torch's default)", check=">= 0")
@@ -118,6 +120,10 @@ class Settings:
     checkpoint_every: int = _opt(5, "updates between checkpoints (and one after the last)", check="> 0")
     episodes: bool = _opt(True, "after each evaluation write episodes-<stage>.md: the first held-out episodes")
     keep_checkpoints: int = _opt(2, "the newest checkpoints kept (an older one until a newer is whole)", check="> 0")
+
+    def __post_init__(self):
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 GROUPS = {"env": "run and output", "cot": "the method", "num_envs": "PPO", "lora_rank": "LoRA",
@@ -175,6 +181,8 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"--resume {s.resume}: no settings.json there, not a run folder")
     if s.model != BUILTIN and Path(s.model).exists() and not (Path(s.model) / "config.json").is_file():
         raise ValueError(f"--model {s.model}: folder has no config.json, not a Hugging Face model")
+    if s.track and importlib.util.find_spec(lab.TRACKERS[s.track]) is None:
+        raise ValueError(f"--track {s.track}: the package {lab.TRACKERS[s.track]} is not installed (pip install it)")
     if s.workers > 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--workers: under torchrun the runs go one at a time, each over all the ranks")
 
@@ -1078,15 +1086,14 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     optimizer = torch.optim.AdamW(params, lr=s.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_updates, eta_min=s.lr_min)
     log(f"LoRA on {len(ppo.lora_modules(policy.model))} linear layers, {sum(p.numel() for p in params):,} "
-        f"trainable parameters; {num_updates} updates of {batch_size} env steps")
+        f"trainable parameters; {num_updates} updates of {batch_size} env steps on {s.device}")
+    track = lab.tracker(s, run_dir) if is_main else None
     pool = EnvPool(task.env_id, s.num_envs // world, seeds)
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
     done, results, lines = lab.restore_checkpoint(run_dir, policy, scheduler, pool, rng) if resuming else (0, {}, [])
-    if resuming:
+    if resuming:  # metrics.jsonl is written whole after each update: its lines past the checkpoint go then
         log(f"resuming {run_dir} after update {done}")
-    if is_main:
-        lab.write_text(metrics_path, "".join(line + "\n" for line in lines))
     if "warm_start" not in results:
         page = s.episodes and run_dir / "episodes-warm_start.md"
         results["warm_start"] = evaluate(policy, task, s, log, "warm start", page)
@@ -1110,8 +1117,9 @@ def run(s: Settings, task, run_dir: Path) -> dict:
             + "  ".join(f"{k} {stats[k]:.3g}" for k in LOGGED)
             + f"  top action {top[0]!r} {top[1]:.2f}  {batch_size / seconds:.0f} steps/s")
         if is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            lines.append(json.dumps(metrics))
+            lab.write_text(metrics_path, "".join(line + "\n" for line in lines))
+            track(metrics)
         if update % s.checkpoint_every == 0 or update == num_updates:
             lab.save_checkpoint(run_dir, update, policy, scheduler, pool, rng, s.keep_checkpoints)
 
@@ -1145,6 +1153,8 @@ def main(argv=None) -> dict:
         if lab.rank_and_world()[0] == 0:  # several runs: run_dir/seed<n>/<task>, tables over them
             lab.write_text(run_dir / "settings.json", json.dumps(asdict(s), indent=1))
         return lab.run_many(s, tasks, run_dir, run)
+    except lab.WriteFailed as e:  # no space, a quota, a read-only folder: one line, and how to go on
+        lab.fail(lab.stopped_writing(e, run_dir))
     except KeyboardInterrupt:
         if lab.rank_and_world()[0] == 0:
             print(f"\ninterrupted; continue with: python rl4vlm.py --resume {run_dir}", flush=True)

@@ -7,8 +7,10 @@ from collections import Counter
 from dataclasses import fields, replace
 from types import SimpleNamespace
 import copy
+import errno
 import fcntl
 import hashlib
+import importlib.util
 from itertools import combinations_with_replacement
 from pathlib import Path
 import json
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 from PIL import Image
@@ -1382,6 +1385,38 @@ def test_bad_sft_data_is_rejected_with_one_line(tmp_path, line, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_track_logs_each_updates_numbers_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
+    written = []
+
+    class SummaryWriter:  # torch.utils.tensorboard's, as far as the tracker uses it
+        def __init__(self, folder):
+            written.append(folder)
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def flush(self):
+            written.append("flush")
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    track = lab.tracker(rl4vlm.Settings(track="tensorboard"), tmp_path)
+    track(dict(update=2, env_steps=64, success=0.5, step_kls=[0.01], action_share={"+": 0.75, "-": 0.25}, answer="+"))
+    assert written == [str(tmp_path / "tensorboard"), ("update", 2, 64), ("success", 0.5, 64),
+                       ("action_share/+", 0.75, 64), ("action_share/-", 0.25, 64), "flush"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as e:
+        rl4vlm.parse_settings(["--track", "tensorboard"])
+    assert str(e.value) == "rl4vlm.py: error: --track tensorboard: the package tensorboard is not installed (pip install it)"
+
+
+def test_device_auto_is_cuda_when_there_is_one_else_cpu(monkeypatch):
+    assert rl4vlm.Settings(device="cpu").device == "cpu"
+    for available, device in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert rl4vlm.Settings().device == rl4vlm.parse_settings([]).device == device
+
+
 def test_a_model_that_is_not_a_vlm_is_rejected(tmp_path):
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=50)).save_pretrained(tmp_path)
@@ -2012,6 +2047,61 @@ def test_a_damaged_run_folder_stops_with_one_line_and_changes_nothing(stopped_ru
         assert ("checkpoint-00002" if kind == "latest names nothing" else "checkpoint-00001") in message, message
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "marker").exists(), "the payload ran"
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_checkpoint_stops_with_one_line_and_resume_gives_the_uninterrupted_run(cache, tmp_path,
+                                                                                              monkeypatch):
+    """torch.save runs out of space halfway through checkpoint 2's state.pt: one line (what, where, the free space,
+    the resume command), checkpoint 1 and `latest` as they were, no temporary left. The resume then removes what a
+    dead writer left in the run folder and the cache, keeps what a live one is writing, and ends as a run that never
+    failed."""
+    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--checkpoint-every", "1"]
+    full = rl4vlm.main(common + ["--run-name", "full"])
+    run, save, seen = tmp_path / "run", torch.save, []
+
+    def full_disk(obj, path):
+        if "checkpoint-00002" in str(path):
+            seen.append({p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".tmp" not in str(p)})
+            Path(path).write_bytes(b"half a state.pt")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(obj, path)
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as e:
+        patch.setattr(torch, "save", full_disk)
+        rl4vlm.main(common + ["--run-name", "run"])
+    message = str(e.value)
+    assert message.startswith(f"rl4vlm.py: error: could not write {run / 'checkpoint-00002'} (")
+    assert "No space left on device" in message and "MB free there" in message and "\n" not in message
+    assert message.endswith(f"continue with: python rl4vlm.py --resume {run}")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == seen[0], "only finished files, unchanged"
+    assert (run / "latest").read_text() == "checkpoint-00001" and not list(run.glob(".*tmp*"))
+    sleeper = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        for folder, pid in ((run, dead.pid), (cache, dead.pid), (cache, sleeper.pid)):
+            (folder / f".checkpoint-00009.tmp{pid}").mkdir()
+            (folder / f".checkpoint-00009.tmp{pid}" / "state.pt").write_bytes(b"left behind")
+        resumed = rl4vlm.main(["--resume", str(run)])
+        assert [p.name for p in (*run.glob(".*tmp*"), *cache.glob(".*tmp*"))] == [f".checkpoint-00009.tmp{sleeper.pid}"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        shutil.rmtree(cache / f".checkpoint-00009.tmp{sleeper.pid}")
+    assert strip_timing(lab.metrics(run)) == strip_timing(lab.metrics(tmp_path / "full"))
+    assert strip_seconds(resumed) == strip_seconds(full)
+
+
+def no_space(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_write_leaves_the_file_as_it_was_and_no_temporary(tmp_path):
+    (tmp_path / "latest").write_text("checkpoint-00001")
+    message = f"could not write {tmp_path / 'latest'} ([Errno 28] No space left on device)"
+    with pytest.raises(lab.WriteFailed, match=re.escape(message)):
+        lab.write_atomically(tmp_path / "latest", lambda tmp: (tmp.write_text("checkpoint-0"), no_space()))
+    assert (tmp_path / "latest").read_text() == "checkpoint-00001" and os.listdir(tmp_path) == ["latest"]
 
 
 @pytest.mark.slow
