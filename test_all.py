@@ -793,6 +793,7 @@ def test_points_solver_writes_env_formulas_that_the_env_accepts():
             assert press(env, *entries, "=") == (10.0, True, False), entries
 
 
+@pytest.mark.slow
 def test_points24_solvable_count():
     deals = list(combinations_with_replacement(range(1, 11), 4))
     solvable = [d for d in deals if envs.points24_solvable(list(d))]
@@ -1528,6 +1529,7 @@ def test_lambda_split_by_hand():
     assert rl4vlm.action_start(PiecesTokenizer(["no", " json"]), [0, 1], None) == 2
 
 
+@pytest.mark.slow
 def test_lambda_split_equals_decoding_every_prefix(policy):
     """On every task's answers (with and without thoughts) and on random token sequences, special
     tokens and broken UTF-8 bytes included, with the built-in tokenizer and a foreign one."""
@@ -2169,6 +2171,7 @@ def cache_keys() -> tuple[str, str]:
     return rl4vlm.builtin_key(1), json.dumps(rl4vlm.warm_start_key(s, task, "base"), sort_keys=True)
 
 
+@pytest.mark.slow
 def test_cached_models_are_keyed_on_what_shapes_them_not_on_envs_py_bytes(tmp_path, monkeypatch):
     """envs.py with a comment and a docstring changed finds the same cached models; a changed prompt or answer does
     not: the built-in model's tokenizer and the warm start learn from them."""
