@@ -1,4 +1,4 @@
-"""PPO for a vision-language policy: GAE, the clipped loss, LoRA written by hand, the value head.
+"""PPO for a vision-language policy: GAE or GiGPO, the clipped loss, LoRA written by hand, the value head.
 
 Everything here sees per-sample numbers; rl4vlm.py computes log pi(a|s) from the answer's tokens.
 Departures from textbook PPO (Schulman et al. 2017) and from CleanRL's ppo.py:
@@ -38,6 +38,43 @@ def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_
         advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnotdone[t] * lastgaelam
     returns = advantages + values
     return advantages, returns
+
+
+def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0):
+    """GiGPO's advantages (Feng et al. 2025, arXiv 2505.10978): no critic; copies of one deal, played whole, compared.
+
+    Per step, in time order within each episode: rewards (N,), and the step's episode, group (its deal) and state
+    (any key equal for identical states, e.g. the picture's hash and the prompt). Returns (advantages, returns) (N,):
+    - episode level (eq. 3): A^E = the episode's return R = sum of rewards, relative to its group's episodes;
+    - step level (eqs. 5-7): G_t = r_t + gamma * G_{t+1}, relative to the G of every step taken from the same
+      anchor state (the same state in the same group, reached by any copy at any step);
+    - A = A^E + step_coef * A^S (eq. 8, omega). `relative` is (x - mean) / (std + 1e-6) with std normalisation
+      (eq. 3's F_norm = std): the advantages' scale stays near GAE's normalised one, so lr and target_kl carry over."""
+    n, later = len(rewards), {}  # later: each episode's G of the step after
+    returns = torch.zeros(n, dtype=torch.float64)
+    totals = dict.fromkeys(episodes, 0.0)  # R per episode, in order of first step
+    for j in reversed(range(n)):
+        returns[j] = later[episodes[j]] = float(rewards[j]) + gamma * later.get(episodes[j], 0.0)
+        totals[episodes[j]] += float(rewards[j])
+    group_of = {e: g for e, g in zip(episodes, groups)}
+    episode_adv = dict(zip(totals, relative(torch.tensor(list(totals.values()), dtype=torch.float64),
+                                            [group_of[e] for e in totals])))
+    step_adv = relative(returns, list(zip(groups, states)))
+    advantages = torch.stack([episode_adv[e] for e in episodes]) + step_coef * step_adv
+    return advantages.float(), returns.float()
+
+
+def relative(values, keys) -> torch.Tensor:
+    """Each value against the others with the same key: (value - mean) / (std + 1e-6) over them (sample std); 0 where
+    they all tie or a value has none to be compared with."""
+    out, members = torch.zeros_like(values), {}
+    for j, key in enumerate(keys):
+        members.setdefault(key, []).append(j)
+    for places in members.values():
+        v = values[places]
+        if len(places) > 1 and not (v == v[0]).all():
+            out[places] = (v - v.mean()) / (v.std() + 1e-6)
+    return out
 
 
 def explained_variance(values, returns):

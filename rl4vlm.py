@@ -63,7 +63,8 @@ class Settings:
     model: str = _opt(BUILTIN, "'builtin' (a tiny LLaVA built on first use) or a Hugging Face VLM id or folder")
     seed: int = _opt(1, "seed of everything: model init, envs, sampling, minibatches")
     seeds: list = _opt((), "one run per seed (e.g. --seeds 1 2 3) in OUT_DIR/RUN_NAME/seed<n>, tables over them", int)
-    ablations: str = _opt("", "each task run as cot (with, without CoT) or lambda (thought_coef 0, 0.5, 1) says",
+    ablations: str = _opt("", "each task run as cot (with, without CoT), lambda (thought_coef 0, 0.5, 1) or "
+                          "advantage (gae, gigpo) says",
                           check=tuple(lab.ABLATIONS))
     out_dir: str = _opt("runs", "runs are written to OUT_DIR/RUN_NAME")
     run_name: str = _opt("", "default: <task>-seed<seed>-<unix time>")
@@ -92,6 +93,11 @@ class Settings:
 
     gamma: float = _opt(0.9, "discount", check="in [0, 1]")
     gae_lambda: float = _opt(0.95, "GAE lambda", check="in [0, 1]")
+    advantage: str = _opt("gae", "gae (the critic's, as the paper) or gigpo (copies of one deal compared, no critic)",
+                          check=("gae", "gigpo"))
+    group_size: int = _opt(8, "gigpo: envs that play each deal together (num_envs per rank a multiple of it)",
+                           check="> 0")
+    step_coef: float = _opt(1.0, "gigpo: weight of the step-level advantage (omega)", check=">= 0")
     clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss", check="> 0")
     update_epochs: int = _opt(4, "PPO epochs per update", check="> 0")
     minibatch_size: int = _opt(128, "samples per optimizer step (in all, under torchrun)", check="> 0")
@@ -183,7 +189,11 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"--model {s.model}: folder has no config.json, not a Hugging Face model")
     if s.track and importlib.util.find_spec(lab.TRACKERS[s.track]) is None:
         raise ValueError(f"--track {s.track}: the package {lab.TRACKERS[s.track]} is not installed (pip install it)")
-    if s.workers > 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if s.advantage == "gigpo" and (s.group_size < 2 or s.num_envs // world % s.group_size):
+        raise ValueError(f"--advantage gigpo compares copies of a deal: --group-size must be 2 or more, and "
+                         f"--num-envs per rank ({s.num_envs // world}) a multiple of it, got {s.group_size}")
+    if s.workers > 1 and world > 1:
         raise ValueError("--workers: under torchrun the runs go one at a time, each over all the ranks")
 
 
@@ -219,30 +229,36 @@ def torch_seeded(seed: int):
 
 
 class EnvPool:
-    """num_envs copies of one task, each episode on the stream's next seed (gymnasium's vector envs seed each once)."""
+    """num_envs copies of one task, each episode on the stream's next seed (gymnasium's vector envs seed each once).
+    With group_size > 1 (GiGPO) each group of envs plays one deal, and the rollout deals again: no reset on its own."""
 
-    def __init__(self, env_id: str, num_envs: int, seeds: range):
+    def __init__(self, env_id: str, num_envs: int, seeds: range, group_size: int = 1):
         # without gymnasium's passive checker (tests run check_env), which keeps every env's last picture
         self.envs = [gym.make(env_id, disable_env_checker=True) for _ in range(num_envs)]
-        self.seeds, self.started = seeds, 0  # the episodes started so far
+        self.seeds, self.started, self.group_size = seeds, 0, group_size  # started: the episodes started so far
         self.episode = [0] * num_envs  # the number in the stream of each env's current episode
         self.obs, self.infos, self.returns = [None] * num_envs, [None] * num_envs, np.zeros(num_envs)
-        for i in range(num_envs):
-            self.reset(i)
+        self.done = [True] * num_envs  # episode over (groups only: one env's is restarted at once)
+        for i in range(num_envs) if group_size == 1 else []:
+            self.reset([i])
 
-    def reset(self, i: int) -> None:
+    def reset(self, envs: list[int]) -> None:
+        """These envs start the stream's next episode, the same deal."""
         if self.started == len(self.seeds):
             raise RuntimeError(f"the stream's {len(self.seeds):,} episode seeds are used up")
-        self.obs[i], self.infos[i] = self.envs[i].reset(seed=self.seeds[self.started])
-        self.episode[i], self.started, self.returns[i] = self.started, self.started + 1, 0.0
+        for i in envs:
+            self.obs[i], self.infos[i] = self.envs[i].reset(seed=self.seeds[self.started])
+            self.episode[i], self.returns[i], self.done[i] = self.started, 0.0, False
+        self.started += 1
 
     def step(self, i: int, action: int):
         """Step env i (reset at an episode's end): reward, terminated, truncated, (final obs, info, return) or None."""
         self.obs[i], reward, terminated, truncated, self.infos[i] = self.envs[i].step(action)
         self.returns[i] += reward
         ended = (self.obs[i], self.infos[i], self.returns[i]) if terminated or truncated else None
-        if ended:
-            self.reset(i)
+        self.done[i] = bool(ended)
+        if ended and self.group_size == 1:
+            self.reset([i])
         return reward, terminated, truncated, ended
 
 
@@ -811,14 +827,45 @@ def rollout(policy: Policy, task, pool: EnvPool, num_steps: int, format_penalty:
         final_values = prompt_values(policy, task, [f[2] for f in finals], [f[3] for f in finals])
         for (t, i, _, _), value in zip(finals, final_values):
             next_values[t, i] = value
+    return Rollout(samples, rewards, values, next_values, terminated, truncated,
+                   rollout_stats(samples, episode_returns, task))
+
+
+def group_rollout(policy: Policy, task, pool: EnvPool, budget: int, s: Settings, rng) -> tuple[list[Sample], dict]:
+    """GiGPO's rollout: each group of envs plays one deal to its end, the copies in step (a copy that has ended
+    waits); a group is dealt again while this rank has fewer than `budget` samples. Returns the samples (whole
+    episodes) and their advantages and returns (ppo.compute_gigpo)."""
+    groups = [range(g, g + pool.group_size) for g in range(0, len(pool.envs), pool.group_size)]
+    samples, episode_returns, steps = [], [], []  # steps: (reward, episode, deal, state) per sample
+    while True:
+        for g in groups:
+            if all(pool.done[i] for i in g) and len(samples) < budget:
+                pool.reset(list(g))
+        playing = [i for i in range(len(pool.envs)) if not pool.done[i]]
+        if not playing:
+            break
+        for i, x in zip(playing, act(policy, task, [pool.obs[i] for i in playing], [pool.infos[i] for i in playing],
+                                     rng)):
+            state = (hashlib.sha1(np.ascontiguousarray(pool.obs[i])).digest(), task.prompt(pool.infos[i], policy.cot))
+            deal = pool.episode[i]
+            reward, _, _, ended = pool.step(i, x.action)
+            steps.append((reward - (0.0 if x.format_ok else s.format_penalty), (deal, i), deal, state))
+            samples.append(x)
+            if ended:
+                episode_returns.append(ended[2])
+    advantages, returns = ppo.compute_gigpo(*zip(*steps), s.gamma, s.step_coef)
+    return samples, dict(advantages=advantages, returns=returns, stats=rollout_stats(samples, episode_returns, task))
+
+
+def rollout_stats(samples: list[Sample], episode_returns: list[float], task) -> dict:
+    """The rollout's statistics over every rank's samples and the episodes that ended in it."""
     ranks = lab.gather((episode_returns, [replace(x, prompt={}) for x in samples]))  # [(returns, samples) per rank]
     episode_returns, every = (sum(parts, []) for parts in zip(*ranks))
-    stats = dict(episodes=len(episode_returns),
-                 success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
-                 mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
-                 **answer_shares(every), **diagnostics(every, task.actions),
-                 answer=every[0].text)  # one answer of the batch, to see the thoughts change
-    return Rollout(samples, rewards, values, next_values, terminated, truncated, stats)
+    return dict(episodes=len(episode_returns), samples=len(every),
+                success=float(np.mean([envs.is_success(r) for r in episode_returns])) if episode_returns else math.nan,
+                mean_return=float(np.mean(episode_returns)) if episode_returns else math.nan,
+                **answer_shares(every), **diagnostics(every, task.actions),
+                answer=every[0].text)  # one answer of the batch, to see the thoughts change
 
 
 def answer_shares(samples: list[Sample]) -> dict:
@@ -871,11 +918,11 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], advantages, ret
 
 def minibatch_loss(policy: Policy, samples: list[Sample], b: dict, mb, s: Settings, backward: bool) -> dict:
     """The PPO loss (plus the KL penalty) over minibatch mb of the global batch b, micro-batch by micro-batch, with
-    the advantages normalised over mb; gradients summed into .grad if `backward`. Statistics: over every rank."""
-    mb_advantages = b["advantages"][mb]
-    if len(mb) > 1:
+    GAE's advantages normalised over mb; gradients summed into .grad if `backward`. Statistics: over every rank."""
+    mb_advantages, gae = b["advantages"][mb], s.advantage == "gae"
+    if len(mb) > 1 and gae:  # gigpo's are already relative, within each group
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-    places, mine = local_part(mb, len(samples))  # the places in mb of this rank's samples, and their indices
+    places, mine = local_part(mb, b["first"], len(samples))
     totals = dict.fromkeys(["policy_loss", "value_loss", "approx_kl", "clipfrac"] + ["warm_kl"] * bool(s.kl_coef), 0.)
     for j in range(0, len(places), s.micro_batch):
         micro, part = mb[places[j:j + s.micro_batch]], [samples[i] for i in mine[j:j + s.micro_batch]]
@@ -884,7 +931,8 @@ def minibatch_loss(policy: Policy, samples: list[Sample], b: dict, mb, s: Settin
             logprobs, new_values = logprobs_and_values(policy, prompt, gen_ids, gen_mask)
             new_logprobs = (logprobs * weights).sum(1)  # log pi(a|s), (micro,)
             loss, stats = ppo.ppo_loss(new_logprobs, b["logprobs"][micro], mb_advantages[places[j:j + s.micro_batch]],
-                                       new_values, b["values"][micro], b["returns"][micro], s.clip_coef, s.vf_coef)
+                                       new_values, b["values"][micro], b["returns"][micro], s.clip_coef,
+                                       s.vf_coef if gae else 0.0)  # gigpo: no critic
             if s.kl_coef:  # toward the warm start, per answer token
                 warm_kl = ppo.token_kl(logprobs, pad_answers([x.warm_logprobs for x in part], 0)[0].to(logprobs),
                                        gen_mask).mean()
@@ -937,11 +985,13 @@ def keep_warm_logprobs(policy: Policy, samples: list[Sample], micro_batch: int) 
 
 
 def global_batch(samples: list[Sample], advantages, returns, device) -> dict:
-    """The update's batch over every rank: old log-probs, values, advantages and returns (world * n,), rank r's n
-    samples at r * n .. r * n + n - 1 (local_part finds them)."""
+    """The update's batch over every rank: old log-probs, values, advantages and returns, rank 0's samples first,
+    then rank 1's... ("first": where this rank's start; local_part finds them)."""
     local = torch.cat([torch.tensor([[x.logprob for x in samples], [x.value for x in samples]], device="cpu"),
                        torch.stack([advantages.flatten(), returns.flatten()])])  # (4, n)
-    return dict(zip(["logprobs", "values", "advantages", "returns"], torch.cat(lab.gather(local), 1).to(device)))
+    parts = lab.gather(local)  # with gigpo the ranks' n differ
+    b = dict(zip(["logprobs", "values", "advantages", "returns"], torch.cat(parts, 1).to(device)))
+    return dict(b, first=sum(x.shape[1] for x in parts[:lab.rank_and_world()[0]]))
 
 
 def minibatches(size: int, minibatch_size: int, epochs: int, rng) -> list:
@@ -950,11 +1000,11 @@ def minibatches(size: int, minibatch_size: int, epochs: int, rng) -> list:
     return [order[i:i + minibatch_size] for order in orders for i in range(0, size, minibatch_size)]
 
 
-def local_part(mb, n: int):
-    """The places in minibatch mb (global indices) of this rank's samples, and their indices in its own n."""
-    rank = lab.rank_and_world()[0]
-    places = np.flatnonzero(mb // n == rank)
-    return places, mb[places] - rank * n
+def local_part(mb, first: int, n: int):
+    """The places in minibatch mb (global indices) of this rank's n samples, global first .. first + n - 1, and
+    their indices in its own n."""
+    places = np.flatnonzero((mb >= first) & (mb < first + n))
+    return places, mb[places] - first
 
 
 def sum_gradients_and_clip(optimizer, max_grad_norm: float) -> float:
@@ -1088,7 +1138,7 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     log(f"LoRA on {len(ppo.lora_modules(policy.model))} linear layers, {sum(p.numel() for p in params):,} "
         f"trainable parameters; {num_updates} updates of {batch_size} env steps on {s.device}")
     track = lab.tracker(s, run_dir) if is_main else None
-    pool = EnvPool(task.env_id, s.num_envs // world, seeds)
+    pool = EnvPool(task.env_id, s.num_envs // world, seeds, s.group_size if s.advantage == "gigpo" else 1)
 
     results_path, metrics_path = run_dir / "results.json", run_dir / "metrics.jsonl"
     done, results, lines = lab.restore_checkpoint(run_dir, policy, scheduler, pool, rng) if resuming else (0, {}, [])
@@ -1102,20 +1152,25 @@ def run(s: Settings, task, run_dir: Path) -> dict:
 
     for update in range(done + 1, num_updates + 1):
         t0 = time.time()
-        batch = rollout(policy, task, pool, s.num_steps, s.format_penalty, rng)
+        if s.advantage == "gae":
+            batch = rollout(policy, task, pool, s.num_steps, s.format_penalty, rng)
+            samples, stats = batch.samples, batch.stats
+            advantages, returns = ppo.compute_gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                                                  batch.truncated, s.gamma, s.gae_lambda)
+        else:  # whole episodes, this rank's share of the batch at least
+            samples, out = group_rollout(policy, task, pool, s.num_envs // world * s.num_steps, s, rng)
+            advantages, returns, stats = out["advantages"], out["returns"], out["stats"]
         rollout_seconds = time.time() - t0
-        advantages, returns = ppo.compute_gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
-                                              batch.truncated, s.gamma, s.gae_lambda)
-        stats = dict(batch.stats, **ppo_update(policy, optimizer, batch.samples, advantages, returns, s, rng))
+        stats.update(ppo_update(policy, optimizer, samples, advantages, returns, s, rng))
         lr = scheduler.get_last_lr()[0]  # this update's
         scheduler.step()
         seconds = time.time() - t0
         metrics = dict(update=update, env_steps=update * batch_size, **stats, lr=lr,
-                       rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(batch_size / seconds, 1))
+                       rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(stats["samples"] / seconds, 1))
         top = max(stats["action_share"].items(), key=lambda kv: kv[1])
         log(f"update {update}/{num_updates}  steps {update * batch_size}  "
             + "  ".join(f"{k} {stats[k]:.3g}" for k in LOGGED)
-            + f"  top action {top[0]!r} {top[1]:.2f}  {batch_size / seconds:.0f} steps/s")
+            + f"  top action {top[0]!r} {top[1]:.2f}  {stats['samples'] / seconds:.0f} steps/s")
         if is_main:
             lines.append(json.dumps(metrics))
             lab.write_text(metrics_path, "".join(line + "\n" for line in lines))

@@ -266,28 +266,31 @@ def update_batch(policy):
 
 def two_rank_job(rank, port, policy_dir, cache, out):
     """What each of two gloo processes does in the data-parallel tests: (1) one PPO update on
-    its half of update_batch(); (2) a run of 2 updates, the same run stopped during update 2,
-    then resumed. Writes what it saw to out/rank<r>.pt."""
+    its half of update_batch(), and one with gigpo on 3 and 5 of its samples; (2) a run of 2
+    updates, the same run stopped during update 2, then resumed; the same with gigpo.
+    Writes what it saw to out/rank<r>.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     lab.init_distributed(rl4vlm.Settings(dist_timeout=2.0))
-    policy = replace(rl4vlm.load_policy(str(cache / "builtin-seed1"), "cpu"), temperature=0.2)
-    ppo.load_adapter(policy.model, policy_dir)
-    policy.model.eval()
-    policy.value_head = ppo.ValueHead(policy.model.config.get_text_config().hidden_size)
-    policy.value_head.load_state_dict(torch.load(policy_dir / "value_head.pt", weights_only=True))
-    samples, advantages, returns = update_batch(policy)
-    s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, target_kl=0)
-    half = slice(4 * rank, 4 * rank + 4)
-    stats = rl4vlm.ppo_update(policy, torch.optim.SGD(trainable(policy), lr=1e-2), samples[half], advantages[:, half],
-                              returns[:, half], s, np.random.default_rng(0))
-    seen = dict(weights=[p.detach() for p in trainable(policy)], stats=stats)
+    seen = {}
+    for advantage, part in (("gae", slice(4 * rank, 4 * rank + 4)), ("gigpo", slice(0, 3) if rank == 0 else slice(3, 8))):
+        policy = replace(rl4vlm.load_policy(str(cache / "builtin-seed1"), "cpu"), temperature=0.2)
+        ppo.load_adapter(policy.model, policy_dir)
+        policy.model.eval()
+        policy.value_head = ppo.ValueHead(policy.model.config.get_text_config().hidden_size)
+        policy.value_head.load_state_dict(torch.load(policy_dir / "value_head.pt", weights_only=True))
+        samples, advantages, returns = update_batch(policy)
+        s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, target_kl=0, advantage=advantage)
+        stats = rl4vlm.ppo_update(policy, torch.optim.SGD(trainable(policy), lr=1e-2), samples[part],
+                                  advantages[:, part], returns[:, part], s, np.random.default_rng(0))
+        seen[advantage] = dict(weights=[p.detach() for p in trainable(policy)], stats=stats)
     common = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--total-steps", "32", "--checkpoint-every", "1"]
-    seen["full"] = rl4vlm.main(common + ["--run-name", "full"])
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stopped:
-        patch.setattr(rl4vlm, "ppo_update", interrupting(rl4vlm.ppo_update, at_call=2))
-        rl4vlm.main(common + ["--run-name", "stopped"])
-    seen["stopped_code"] = stopped.value.code
-    seen["resumed"] = rl4vlm.main(["--resume", str(out / "stopped")])
+    for name, flags in (("", []), ("-gigpo", ["--advantage", "gigpo", "--group-size", "2"])):
+        seen["full" + name] = rl4vlm.main(common + flags + ["--run-name", "full" + name])
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stopped:
+            patch.setattr(rl4vlm, "ppo_update", interrupting(rl4vlm.ppo_update, at_call=2))
+            rl4vlm.main(common + flags + ["--run-name", "stopped" + name])
+        seen["stopped_code" + name] = stopped.value.code
+        seen["resumed" + name] = rl4vlm.main(["--resume", str(out / ("stopped" + name))])
     torch.save(seen, out / f"rank{rank}.pt")
 
 
@@ -1141,6 +1144,32 @@ def test_gae_by_hand():
     assert torch.equal(advantages_f, advantages)
 
 
+def test_gigpo_by_hand():
+    # gamma = 0.5. Deal A, three copies from state s0: copy 1 and 3 go to s1 and win 10, copy 2 goes to s2 and loses.
+    #   returns R = 10, -1, 10: mean 19/3, deviations 11/3, -22/3, 11/3, sample std sqrt(242/9 / 2) = 11/3 * sqrt(3):
+    #   A^E = 1/sqrt(3), -2/sqrt(3), 1/sqrt(3).
+    #   G at s0 = 0 + 0.5 * 10 = 5, -0.5, 5: the same shape, A^S = 1/sqrt(3), -2/sqrt(3), 1/sqrt(3);
+    #   G at s1 = 10, 10: a tie, 0; s2 seen once: 0.
+    # Deal B, two copies that both lose (-1: A^E = 0), copy 1 at once, copy 2 a step later: G at s0 = -1 and -0.5,
+    #   A^S = -1/sqrt(2), 1/sqrt(2) (ending sooner is worse here); s3 seen once: 0. B's s0 is not A's s0.
+    # Deal C, two copies alike: everything ties, 0. The steps come interleaved, as a rollout records them.
+    steps = [  # (reward, episode, deal, state): the first step of every copy, then the second of those that go on
+        (0, "A1", "A", "s0"), (0, "A2", "A", "s0"), (0, "A3", "A", "s0"), (-1, "B1", "B", "s0"), (0, "B2", "B", "s0"),
+        (0, "C1", "C", "s0"), (0, "C2", "C", "s0"),
+        (10, "A1", "A", "s1"), (-1, "A2", "A", "s2"), (10, "A3", "A", "s1"), (-1, "B2", "B", "s3"),
+        (1, "C1", "C", "s1"), (1, "C2", "C", "s1")]
+    a, b = 1 / math.sqrt(3), 1 / math.sqrt(2)
+    expected_adv = [2 * a, -4 * a, 2 * a, -b, b, 0, 0, a, -2 * a, a, 0, 0, 0]
+    expected_ret = [5, -0.5, 5, -1, -0.5, 0.5, 0.5, 10, -1, 10, -1, 1, 1]
+    advantages, returns = ppo.compute_gigpo(*zip(*steps), gamma=0.5, step_coef=1.0)
+    assert returns.tolist() == expected_ret
+    assert torch.allclose(advantages, torch.tensor(expected_adv), atol=1e-5)  # 1e-6 is added to each std
+    assert advantages[[5, 6, 10, 11, 12]].tolist() == [0] * 5, "ties and states seen once: exactly 0"
+    # step_coef weighs the step level alone: 0 leaves the episode level
+    episode_only, _ = ppo.compute_gigpo(*zip(*steps), gamma=0.5, step_coef=0.0)
+    assert torch.allclose(episode_only, torch.tensor([a, -2 * a, a, 0, 0, 0, 0, a, -2 * a, a, 0, 0, 0]), atol=1e-5)
+
+
 def test_gae_matches_plain_loop():
     rng = np.random.default_rng(0)
     T, N, gamma, lam = 16, 4, 0.9, 0.95
@@ -1331,7 +1360,10 @@ def test_value_head_float32():
     (["--sft-expert", "1.5"], "--sft-expert must be in [0, 1]"),
     (["--sft-follow", "-0.1"], "--sft-follow must be in [0, 1]"),
     (["--target-kl", "-1"], "--target-kl must be >= 0"),
-    (["--ablations", "dropout"], "--ablations must be cot or lambda"),
+    (["--ablations", "dropout"], "--ablations must be cot, lambda or advantage"),
+    (["--advantage", "grpo"], "--advantage must be gae or gigpo, got 'grpo'"),
+    (["--advantage", "gigpo", "--group-size", "1"], "--group-size must be 2 or more"),
+    (["--advantage", "gigpo", "--num-envs", "12"], "--num-envs per rank (12) a multiple of it, got 8"),
     (["--seeds", "1", "1"], "--seeds must differ"),
     (["--seeds"], "expected at least one argument"),
     (["--env", "numberline,chess"], "chess"),
@@ -1595,6 +1627,39 @@ def test_rollout_logprobs_values_and_entropy_equal_a_full_forward(policy):
             entropy = -(p * p.log()).nan_to_num().sum(1)
             assert torch.allclose(x.entropy.double(), entropy, atol=1e-4)
             assert x.n_thought == int((weights[0] == 0.5).sum())
+
+
+def test_gigpo_rollout_plays_each_deal_whole_in_every_copy_of_its_group(monkeypatch):
+    """4 envs in groups of 2, 12 samples wanted: each deal goes to one group's two envs, every episode is played to its
+    end, the next rollout deals new ones. Each episode replayed in a fresh env from its deal's seed gives the states
+    (picture and prompt), the rewards (less the format penalty) and the end that the advantages were computed on.
+    The answers are drawn at random here (a stand-in for act: this is about the envs)."""
+    task, policy = envs.get_task("numberline"), types.SimpleNamespace(cot=True)
+    s, _ = settings(format_penalty=0.5, gamma=0.9)
+    compute, seen = ppo.compute_gigpo, []
+    monkeypatch.setattr(ppo, "compute_gigpo", lambda *a: (seen.append(a), compute(*a))[1])
+    monkeypatch.setattr(rl4vlm, "act", lambda policy, task, images, infos, rng: [rl4vlm.Sample(
+        prompt={}, gen_ids=torch.zeros(1, dtype=torch.long), weights=torch.ones(1), logprob=0.0, value=0.0,
+        entropy=torch.zeros(1), text="", n_thought=0, thought="", action=int(rng.integers(2)),
+        format_ok=bool(rng.integers(2))) for _ in infos])
+    pool, rng = rl4vlm.EnvPool(task.env_id, 4, range(100, 200), group_size=2), np.random.default_rng(0)
+    played = [rl4vlm.group_rollout(policy, task, pool, 12, s, rng) for _ in range(2)]
+    for (samples, out), (rewards, episodes, deals, keys, *_) in zip(played, seen):
+        assert len(samples) >= 12 and all(pool.done)
+        assert {frozenset(i for d, i in set(episodes) if d == deal) for deal in deals} <= {
+            frozenset({0, 1}), frozenset({2, 3})}
+        for episode in set(episodes):
+            steps = [j for j, e in enumerate(episodes) if e == episode]
+            env = gym.make(task.env_id)
+            obs, info = env.reset(seed=100 + episode[0])
+            for k, j in enumerate(steps):
+                assert keys[j] == (hashlib.sha1(obs).digest(), task.prompt(info, True))
+                obs, reward, terminated, truncated, info = env.step(samples[j].action)
+                assert rewards[j] == reward - 0.5 * (not samples[j].format_ok)
+                assert terminated or truncated if k == len(steps) - 1 else not (terminated or truncated)
+        assert torch.equal(out["advantages"], compute(rewards, episodes, deals, keys, 0.9, 1.0)[0])
+    first, second = ({d for d, _ in set(a[1])} for a in seen)
+    assert max(first) < min(second) and first | second == set(range(pool.started))
 
 
 @pytest.mark.parametrize("span", [None, (0, 1)])  # no "action" key; a key whose value is no legal action
@@ -2106,15 +2171,17 @@ def test_a_failed_write_leaves_the_file_as_it_was_and_no_temporary(tmp_path):
     assert (tmp_path / "latest").read_text() == "checkpoint-00001" and os.listdir(tmp_path) == ["latest"]
 
 
+@pytest.mark.parametrize("advantage", ["gae", "gigpo"])
 @pytest.mark.slow
-def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, two_ranks):
-    """One PPO update (2 epochs of 2 minibatches, SGD) on 8 samples in one process, and on 4
-    samples in each of two gloo processes: the same weights within 1e-6, on both ranks alike."""
+def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, two_ranks, advantage):
+    """One PPO update (2 epochs of 2 minibatches, SGD) on 8 samples in one process, and on 4 samples in each of two
+    gloo processes (gigpo: 3 and 5, as whole episodes make them): the same weights within 1e-6, on both ranks alike."""
     (rank0, rank1), _ = two_ranks
+    rank0, rank1 = rank0[advantage], rank1[advantage]
     policy = replace(policy, temperature=0.2)
     samples, advantages, returns = update_batch(policy)
     before = [p.detach().clone() for p in trainable(policy)]
-    s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, target_kl=0)
+    s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, target_kl=0, advantage=advantage)
     stats = rl4vlm.ppo_update(policy, torch.optim.SGD(trainable(policy), lr=1e-2), samples, advantages, returns, s,
                               np.random.default_rng(0))
     after = [p.detach().clone() for p in trainable(policy)]
@@ -2128,16 +2195,17 @@ def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, tw
     assert not bad, bad
 
 
+@pytest.mark.parametrize("name", ["", "-gigpo"])
 @pytest.mark.slow
-def test_two_ranks_resume_exactly(two_ranks):
+def test_two_ranks_resume_exactly(two_ranks, name):
     """A two-rank run stopped during update 2 and resumed writes the update-2 metrics of the
-    uninterrupted two-rank run; only rank 0 writes."""
+    uninterrupted two-rank run; only rank 0 writes. With gigpo too (each rank one group of 2 envs)."""
     (rank0, rank1), out = two_ranks
-    assert rank0["stopped_code"] == rank1["stopped_code"] == 130
-    assert strip_timing(lab.metrics(out / "stopped")) == strip_timing(lab.metrics(out / "full"))
-    assert len(lab.metrics(out / "full")) == 2
-    assert len(json.loads((out / "full" / "checkpoint-00002" / "envs.json").read_text())) == 2, "both ranks' envs"
-    assert rank0["resumed"]["rl"]["success"] == rank0["full"]["rl"]["success"]
+    assert rank0["stopped_code" + name] == rank1["stopped_code" + name] == 130
+    assert strip_timing(lab.metrics(out / ("stopped" + name))) == strip_timing(lab.metrics(out / ("full" + name)))
+    assert len(lab.metrics(out / ("full" + name))) == 2
+    assert len(json.loads((out / ("full" + name) / "checkpoint-00002" / "envs.json").read_text())) == 2, "both ranks"
+    assert rank0["resumed" + name]["rl"]["success"] == rank0["full" + name]["rl"]["success"]
 
 
 @pytest.mark.slow
@@ -2225,11 +2293,11 @@ def command_lines() -> dict:
 
 @pytest.fixture(scope="module")
 def parallel_suite(cache, tmp_path_factory):
-    """Two runs (NumberLine, Blackjack) with --workers 2: interrupted (SIGINT to the suite's process) once both had
+    """Two runs (NumberLine with GAE and with GiGPO: --ablations advantage) with --workers 2: interrupted (SIGINT to the suite's process) once both had
     started, then resumed to the end. Returns the suite folder and what the interrupted process printed."""
     out = tmp_path_factory.mktemp("parallel")
-    args = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--env", "numberline,blackjack", "--workers", "2",
-                   "--total-steps", "32"]
+    args = FAST + ["--cache-dir", str(cache), "--out-dir", str(out), "--ablations", "advantage",
+                   "--group-size", "2", "--workers", "2", "--total-steps", "32"]
     # both runs wait at the built-in model's lock, held here until the interrupt, so neither can finish first
     # (released however this block ends: a later test's runs take the same lock)
     with open(cache / f".builtin-{rl4vlm.builtin_key(1)}-seed1.lock", "w") as lock:
@@ -2247,7 +2315,7 @@ def parallel_suite(cache, tmp_path_factory):
         printed += suite.communicate(timeout=120)[0].splitlines(keepends=True)
     assert suite.returncode == 130, "".join(printed)
     left = [pid for pid, cmdline in command_lines().items() if f"--resume {out / 'suite'}" in cmdline]
-    stopped = [task for task in ("NumberLine", "Blackjack") if "rl" not in lab.finished(out / "suite" / "seed1" / task)]
+    stopped = [task for task in ("NumberLine-GAE", "NumberLine-GiGPO") if "rl" not in lab.finished(out / "suite" / "seed1" / task)]
     rl4vlm.main(["--resume", str(out / "suite")])
     rl4vlm.main(args + ["--run-name", "serial", "--workers", "1"])
     return out, "".join(printed), stopped, left
@@ -2257,39 +2325,39 @@ def parallel_suite(cache, tmp_path_factory):
 def test_ctrl_c_stops_every_worker_and_prints_the_suites_resume_command(parallel_suite):
     out, printed, stopped, left = parallel_suite
     assert printed.splitlines()[-1] == f"interrupted; continue with: python rl4vlm.py --resume {out / 'suite'}"
-    assert re.search(r"NumberLine seed 1 +started +\[0 done, 1 running, 1 waiting\]", printed), printed
-    assert re.search(r"Blackjack seed 1 +started +\[0 done, 2 running, 0 waiting\]", printed), printed
-    assert stopped == ["NumberLine", "Blackjack"] and not left, f"runs went on after the suite stopped: {left}"
+    assert re.search(r"NumberLine GAE seed 1 +started +\[0 done, 1 running, 1 waiting\]", printed), printed
+    assert re.search(r"NumberLine GiGPO seed 1 +started +\[0 done, 2 running, 0 waiting\]", printed), printed
+    assert stopped == ["NumberLine-GAE", "NumberLine-GiGPO"] and not left, f"runs went on after the suite stopped: {left}"
 
 
 @pytest.mark.slow
 def test_workers_2_interrupted_and_resumed_give_what_workers_1_gives(parallel_suite):
     out, *_ = parallel_suite
-    for task in ("NumberLine", "Blackjack"):
+    for task in ("NumberLine-GAE", "NumberLine-GiGPO"):
         parallel, serial = out / "suite" / "seed1" / task, out / "serial" / "seed1" / task
         assert strip_timing(lab.metrics(parallel)) == strip_timing(lab.metrics(serial)), task
         assert strip_seconds(lab.finished(parallel)) == strip_seconds(lab.finished(serial)), task
-    assert (out / "suite" / "results.md").read_text() == (out / "serial" / "results.md").read_text()
+    assert (out / "suite" / "ablations.md").read_text() == (out / "serial" / "ablations.md").read_text()
 
 
 @pytest.mark.slow
 def test_a_run_that_fails_stops_no_other_and_the_suite_names_it(parallel_suite, tmp_path):
-    """The Blackjack run's checkpoint pointer is damaged and both runs are made unfinished: the resumed suite
-    finishes NumberLine, names the Blackjack run and its log's last line, and exits non-zero."""
+    """The GiGPO run's checkpoint pointer is damaged and both runs are made unfinished: the resumed suite finishes
+    the GAE run, names the GiGPO run and its log's last line, and exits non-zero."""
     out, *_ = parallel_suite
     suite = tmp_path / "suite"
     shutil.copytree(out / "suite", suite)
-    for task in ("NumberLine", "Blackjack"):
+    for task in ("NumberLine-GAE", "NumberLine-GiGPO"):
         results = suite / "seed1" / task / "results.json"
         results.write_text(json.dumps({"warm_start": json.loads(results.read_text())["warm_start"]}))
-    (suite / "seed1" / "Blackjack" / "latest").write_text("checkpoint-00009")
+    (suite / "seed1" / "NumberLine-GiGPO" / "latest").write_text("checkpoint-00009")
     with pytest.raises(SystemExit) as e:
         rl4vlm.main(["--resume", str(suite)])
     message = str(e.value)
-    assert message.startswith("rl4vlm.py: error: 1 of 2 runs failed: Blackjack seed 1 (") and "\n" not in message
+    assert message.startswith("rl4vlm.py: error: 1 of 2 runs failed: NumberLine GiGPO seed 1 (") and "\n" not in message
     assert "latest names no checkpoint folder" in message and f"--resume {suite}" in message, message
-    assert strip_seconds(lab.finished(suite / "seed1" / "NumberLine")) == \
-        strip_seconds(lab.finished(out / "suite" / "seed1" / "NumberLine"))
+    assert strip_seconds(lab.finished(suite / "seed1" / "NumberLine-GAE")) == \
+        strip_seconds(lab.finished(out / "suite" / "seed1" / "NumberLine-GAE"))
 
 
 @pytest.mark.slow
