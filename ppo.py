@@ -40,7 +40,7 @@ def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_
     return advantages, returns
 
 
-def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0):
+def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0, norm="std"):
     """GiGPO's advantages (Feng et al. 2025, arXiv 2505.10978): no critic; copies of one deal, played whole, compared.
 
     Per step, in time order within each episode: rewards (N,), and the step's episode, group (its deal) and state
@@ -48,8 +48,9 @@ def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0):
     - episode level (eq. 3): A^E = the episode's return R = sum of rewards, relative to its group's episodes;
     - step level (eqs. 5-7): G_t = r_t + gamma * G_{t+1}, relative to the G of every step taken from the same
       anchor state (the same state in the same group, reached by any copy at any step);
-    - A = A^E + step_coef * A^S (eq. 8, omega). `relative` is (x - mean) / (std + 1e-6) with std normalisation
-      (eq. 3's F_norm = std): the advantages' scale stays near GAE's normalised one, so lr and target_kl carry over."""
+    - A = A^E + step_coef * A^S (eq. 8, omega). norm "std": `relative` is (x - mean) / (std + 1e-6) (eq. 3's
+      F_norm = std): the advantages' scale stays near GAE's normalised one, so lr and target_kl carry over;
+      "mean": x - mean (F_norm = 1), so a group's small differences stay small beside a win's large one."""
     n, later = len(rewards), {}  # later: each episode's G of the step after
     returns = torch.zeros(n, dtype=torch.float64)
     totals = dict.fromkeys(episodes, 0.0)  # R per episode, in order of first step
@@ -58,22 +59,22 @@ def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0):
         totals[episodes[j]] += float(rewards[j])
     group_of = {e: g for e, g in zip(episodes, groups)}
     episode_adv = dict(zip(totals, relative(torch.tensor(list(totals.values()), dtype=torch.float64),
-                                            [group_of[e] for e in totals])))
-    step_adv = relative(returns, list(zip(groups, states)))
+                                            [group_of[e] for e in totals], norm)))
+    step_adv = relative(returns, list(zip(groups, states)), norm)
     advantages = torch.stack([episode_adv[e] for e in episodes]) + step_coef * step_adv
     return advantages.float(), returns.float()
 
 
-def relative(values, keys) -> torch.Tensor:
-    """Each value against the others with the same key: (value - mean) / (std + 1e-6) over them (sample std); 0 where
-    they all tie or a value has none to be compared with."""
+def relative(values, keys, norm="std") -> torch.Tensor:
+    """Each value against the others with the same key: value - mean over them, divided by (std + 1e-6) (sample std)
+    if norm is "std"; 0 where they all tie or a value has none to be compared with."""
     out, members = torch.zeros_like(values), {}
     for j, key in enumerate(keys):
         members.setdefault(key, []).append(j)
     for places in members.values():
         v = values[places]
         if len(places) > 1 and not (v == v[0]).all():
-            out[places] = (v - v.mean()) / (v.std() + 1e-6)
+            out[places] = (v - v.mean()) / (v.std() + 1e-6 if norm == "std" else 1.0)
     return out
 
 

@@ -98,6 +98,8 @@ class Settings:
     group_size: int = _opt(8, "gigpo: envs that play each deal together (num_envs per rank a multiple of it)",
                            check="> 0")
     step_coef: float = _opt(1.0, "gigpo: weight of the step-level advantage (omega)", check=">= 0")
+    group_norm: str = _opt("std", "gigpo: against the group as (x - mean) / std, or as x - mean (mean)",
+                           check=("std", "mean"))
     clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss", check="> 0")
     update_epochs: int = _opt(4, "PPO epochs per update", check="> 0")
     minibatch_size: int = _opt(128, "samples per optimizer step (in all, under torchrun)", check="> 0")
@@ -853,7 +855,7 @@ def group_rollout(policy: Policy, task, pool: EnvPool, budget: int, s: Settings,
             samples.append(x)
             if ended:
                 episode_returns.append(ended[2])
-    advantages, returns = ppo.compute_gigpo(*zip(*steps), s.gamma, s.step_coef)
+    advantages, returns = ppo.compute_gigpo(*zip(*steps), s.gamma, s.step_coef, s.group_norm)
     return samples, dict(advantages=advantages, returns=returns, stats=rollout_stats(samples, episode_returns, task))
 
 

@@ -1168,6 +1168,11 @@ def test_gigpo_by_hand():
     # step_coef weighs the step level alone: 0 leaves the episode level
     episode_only, _ = ppo.compute_gigpo(*zip(*steps), gamma=0.5, step_coef=0.0)
     assert torch.allclose(episode_only, torch.tensor([a, -2 * a, a, 0, 0, 0, 0, a, -2 * a, a, 0, 0, 0]), atol=1e-5)
+    # norm "mean": the deviations alone. A: R - 19/3 = 11/3, -22/3, 11/3 and G(s0) - 19/6 = 11/6, -22/6, 11/6;
+    # B: G(s0) + 0.75 = -0.25, 0.25; ties and states seen once still 0
+    by_mean, _ = ppo.compute_gigpo(*zip(*steps), gamma=0.5, step_coef=1.0, norm="mean")
+    expected = [5.5, -11, 5.5, -0.25, 0.25, 0, 0, 11 / 3, -22 / 3, 11 / 3, 0, 0, 0]
+    assert torch.allclose(by_mean, torch.tensor(expected), atol=1e-6)
 
 
 def test_gae_matches_plain_loop():
