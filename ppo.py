@@ -40,7 +40,7 @@ def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_
     return advantages, returns
 
 
-def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0, norm="std"):
+def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0, norm="std", mixed_only=False):
     """GiGPO's advantages (Feng et al. 2025, arXiv 2505.10978): no critic; copies of one deal, played whole, compared.
 
     Per step, in time order within each episode: rewards (N,), and the step's episode, group (its deal) and state
@@ -50,7 +50,9 @@ def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0, norm=
       anchor state (the same state in the same group, reached by any copy at any step);
     - A = A^E + step_coef * A^S (eq. 8, omega). norm "std": `relative` is (x - mean) / (std + 1e-6) (eq. 3's
       F_norm = std): the advantages' scale stays near GAE's normalised one, so lr and target_kl carry over;
-      "mean": x - mean (F_norm = 1), so a group's small differences stay small beside a win's large one."""
+      "mean": x - mean (F_norm = 1), so a group's small differences stay small beside a win's large one.
+    mixed_only: 0 for every step of a group whose copies all won or all lost (R > 0 is a win), as DAPO's dynamic
+    sampling drops such groups (arXiv 2503.14476): no credit for losing more cheaply where nothing was won."""
     n, later = len(rewards), {}  # later: each episode's G of the step after
     returns = torch.zeros(n, dtype=torch.float64)
     totals = dict.fromkeys(episodes, 0.0)  # R per episode, in order of first step
@@ -62,6 +64,11 @@ def compute_gigpo(rewards, episodes, groups, states, gamma, step_coef=1.0, norm=
                                             [group_of[e] for e in totals], norm)))
     step_adv = relative(returns, list(zip(groups, states)), norm)
     advantages = torch.stack([episode_adv[e] for e in episodes]) + step_coef * step_adv
+    if mixed_only:
+        outcomes = {}  # group -> the set of its copies' outcomes
+        for e, total in totals.items():
+            outcomes.setdefault(group_of[e], set()).add(total > 0)
+        advantages = advantages * torch.tensor([len(outcomes[g]) > 1 for g in groups], dtype=advantages.dtype)
     return advantages.float(), returns.float()
 
 

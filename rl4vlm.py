@@ -100,6 +100,7 @@ class Settings:
     step_coef: float = _opt(1.0, "gigpo: weight of the step-level advantage (omega)", check=">= 0")
     group_norm: str = _opt("std", "gigpo: against the group as (x - mean) / std, or as x - mean (mean)",
                            check=("std", "mean"))
+    mixed_groups: bool = _opt(False, "gigpo: learn only from groups whose copies neither all won nor all lost")
     clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss", check="> 0")
     update_epochs: int = _opt(4, "PPO epochs per update", check="> 0")
     minibatch_size: int = _opt(128, "samples per optimizer step (in all, under torchrun)", check="> 0")
@@ -855,7 +856,7 @@ def group_rollout(policy: Policy, task, pool: EnvPool, budget: int, s: Settings,
             samples.append(x)
             if ended:
                 episode_returns.append(ended[2])
-    advantages, returns = ppo.compute_gigpo(*zip(*steps), s.gamma, s.step_coef, s.group_norm)
+    advantages, returns = ppo.compute_gigpo(*zip(*steps), s.gamma, s.step_coef, s.group_norm, s.mixed_groups)
     return samples, dict(advantages=advantages, returns=returns, stats=rollout_stats(samples, episode_returns, task))
 
 

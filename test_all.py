@@ -1173,6 +1173,10 @@ def test_gigpo_by_hand():
     by_mean, _ = ppo.compute_gigpo(*zip(*steps), gamma=0.5, step_coef=1.0, norm="mean")
     expected = [5.5, -11, 5.5, -0.25, 0.25, 0, 0, 11 / 3, -22 / 3, 11 / 3, 0, 0, 0]
     assert torch.allclose(by_mean, torch.tensor(expected), atol=1e-6)
+    # mixed_only: deal A holds wins and a loss and keeps its advantages; B (all lost) and C (all won) get 0
+    mixed, _ = ppo.compute_gigpo(*zip(*steps), gamma=0.5, step_coef=1.0, mixed_only=True)
+    keep = torch.tensor([d == "A" for _, _, d, _ in steps])
+    assert torch.equal(mixed, advantages * keep) and advantages[3:5].abs().min() > 0
 
 
 def test_gae_matches_plain_loop():
