@@ -1,8 +1,9 @@
 """rl4vlm tests, on CPU with no network: the tasks' rules, the maths, the parser, the loop.
 
 Fixtures and helpers come first, then the tests of envs.py, parse.py, ppo.py and rl4vlm.py in
-that order; each test is named after the rule it proves and checks it exactly, against a hand
-computation or an independent implementation. No test times anything: bench.py does."""
+that order, the data-parallel ones last (their two ranks run beside the others); each test is
+named after the rule it proves and checks it exactly, against a hand computation or an
+independent implementation. No test times anything: bench.py does."""
 from collections import Counter
 from dataclasses import fields, replace
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import warnings
@@ -269,6 +271,9 @@ def two_rank_job(rank, port, policy_dir, cache, out):
     its half of update_batch(), and one with gigpo on 3 and 5 of its samples; (2) a run of 2
     updates, the same run stopped during update 2, then resumed; the same with gigpo.
     Writes what it saw to out/rank<r>.pt."""
+    with open(out / f"rank{rank}.log", "w") as log:  # not into whichever test's output pytest captures meanwhile
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     lab.init_distributed(rl4vlm.Settings(dist_timeout=2.0))
     seen = {}
@@ -312,13 +317,37 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def two_ranks(base_policy, cache, tmp_path_factory):
-    """two_rank_job in two spawned processes; returns what each saw, and the out folder."""
+@pytest.fixture(scope="session", autouse=True)
+def two_ranks_started(request, cache, tmp_path_factory):
+    """two_rank_job in two spawned processes, started when the session starts if a selected test needs two_ranks:
+    most tests keep one core busy (a run sets torch to one thread), so the ranks run beside them on the cores left
+    instead of after them. At a lower priority, so that the tests keep their core; with a cache of their own, as
+    other tests inspect and lock the shared one meanwhile. Yields the processes and the out folder, or None."""
+    if not any("two_ranks" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    base_policy = request.getfixturevalue("base_policy")
     out = tmp_path_factory.mktemp("two-ranks")
     ppo.save_adapter(base_policy.model, out / "policy")
     torch.save(base_policy.value_head.state_dict(), out / "policy" / "value_head.pt")
-    torch.multiprocessing.spawn(two_rank_job, args=(free_port(), out / "policy", cache, out), nprocs=2)
+    shutil.copytree(cache / "builtin-seed1", out / "cache" / "builtin-seed1")
+    ranks = torch.multiprocessing.start_processes(two_rank_job, args=(free_port(), out / "policy", out / "cache", out),
+                                                  nprocs=2, join=False, start_method="spawn")
+    for process in ranks.processes:  # from their start, their imports too
+        os.setpriority(os.PRIO_PROCESS, process.pid, 10)
+    yield ranks, out
+    for process in ranks.processes:  # still running only if the session ended before a test needed them
+        if process.is_alive():
+            process.terminate()
+        process.join()
+
+
+@pytest.fixture(scope="session")
+def two_ranks(two_ranks_started):
+    """What each rank of two_rank_job saw, and the out folder, once both have finished."""
+    ranks, out = two_ranks_started
+    while not ranks.join():  # raises if a rank failed
+        pass
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out  # written by the children above
 
 
@@ -1695,7 +1724,7 @@ def test_perception_heads_learn_the_labels_of_a_small_batch(policy):
     torch.manual_seed(0)
     heads = rl4vlm.perception_heads(policy, task, batch)
     opt = torch.optim.Adam([p for head in heads.values() for p in head.parameters()], lr=0.1)
-    for _ in range(150):
+    for _ in range(100):  # both read all 8 from step 65 on; with lr 0, 1 and 3 of 8
         loss, stats = rl4vlm.sft_loss(policy, heads, task, batch)
         opt.zero_grad()
         loss.backward()
@@ -2040,13 +2069,43 @@ def test_the_newest_keep_checkpoints_stay(base_policy, tmp_path, keep):
     assert (tmp_path / "latest").read_text() == "checkpoint-00003"
 
 
-@pytest.mark.slow
-def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sigkill(cache, tmp_path, monkeypatch):
-    common = RECORDED_RUN + ["--cache-dir", str(cache), "--out-dir", str(tmp_path)]
+@pytest.fixture(scope="session")
+def recorded_run(cache, tmp_path_factory):
+    """The recorded run, uninterrupted, in this process: the run that the SIGKILL and full-disk tests' runs must end
+    as (made once for both). Returns its folder, its results and the updates after which it saved a checkpoint."""
+    out = tmp_path_factory.mktemp("recorded")
     saved, save = [], lab.save_checkpoint
-    monkeypatch.setattr(lab, "save_checkpoint", lambda run_dir, update, *a: (saved.append(update), save(run_dir, update, *a)))
-    results = rl4vlm.main(common + ["--run-name", "full"])
-    full = tmp_path / "full"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lab, "save_checkpoint", lambda run_dir, update, *a: (saved.append(update), save(run_dir, update, *a)))
+        results = rl4vlm.main(RECORDED_RUN + ["--cache-dir", str(cache), "--out-dir", str(out), "--run-name", "full"])
+    return out / "full", results, saved
+
+
+def kill_when(process, latest, name):
+    """SIGKILL `process` as soon as the file `latest` reads `name` (at once if the process has ended)."""
+    while process.poll() is None and not (latest.is_file() and latest.read_text() == name):
+        time.sleep(0.01)
+    process.kill()
+
+
+@pytest.mark.slow
+def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sigkill(request, cache, tmp_path):
+    # the recorded run in another process, killed (SIGKILL) as soon as checkpoint 2 is complete, then resumed. It
+    # starts first, to run beside the uninterrupted recorded run where that is made here (a run keeps one core busy).
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *RECORDED_RUN, "--cache-dir", str(cache),
+                                "--out-dir", str(tmp_path), "--run-name", "killed"],
+                               cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watcher = threading.Thread(target=kill_when, args=(process, killed / "latest", "checkpoint-00002"), daemon=True)
+    watcher.start()
+    try:
+        full, results, saved = request.getfixturevalue("recorded_run")
+        watcher.join(timeout=120)
+        assert not watcher.is_alive(), "no checkpoint 2 within 2 minutes"
+    finally:
+        process.kill()
+        process.wait()
+
     rows = lab.metrics(full)
     assert [r["update"] for r in rows] == [1, 2, 3]
     assert saved == [2, 3], "--checkpoint-every 2: after update 2 and after the last"
@@ -2063,19 +2122,6 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sig
     assert (full / "curve.png").exists() and (full / "results.md").exists()
     assert set(results) == {"warm_start", "rl"} and results["rl"]["episodes"] == 4
 
-    # the same run in another process, killed (SIGKILL) as soon as checkpoint 2 is complete, then resumed
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *common, "--run-name", "killed"],
-                               cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while process.poll() is None and not ((killed / "latest").is_file()
-                                              and (killed / "latest").read_text() == "checkpoint-00002"):
-            assert time.monotonic() < deadline, "no checkpoint 2 within 2 minutes"
-            time.sleep(0.01)
-    finally:
-        process.kill()
-        process.wait()
     assert "rl" not in json.loads((killed / "results.json").read_text()), "the run ended before it was killed"
     resumed = rl4vlm.main(["--resume", str(killed)])
     assert strip_timing(lab.metrics(killed)) == strip_timing(rows)
@@ -2126,14 +2172,14 @@ def test_a_damaged_run_folder_stops_with_one_line_and_changes_nothing(stopped_ru
 
 
 @pytest.mark.slow
-def test_a_full_disk_mid_checkpoint_stops_with_one_line_and_resume_gives_the_uninterrupted_run(cache, tmp_path,
-                                                                                              monkeypatch):
+def test_a_full_disk_mid_checkpoint_stops_with_one_line_and_resume_gives_the_uninterrupted_run(recorded_run, cache,
+                                                                                              tmp_path, monkeypatch):
     """torch.save runs out of space halfway through checkpoint 2's state.pt: one line (what, where, the free space,
     the resume command), checkpoint 1 and `latest` as they were, no temporary left. The resume then removes what a
     dead writer left in the run folder and the cache, keeps what a live one is writing, and ends as a run that never
-    failed."""
-    common = FAST + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--checkpoint-every", "1"]
-    full = rl4vlm.main(common + ["--run-name", "full"])
+    failed (the recorded run: it checkpoints every 2 updates, which changes no number)."""
+    common = RECORDED_RUN + ["--cache-dir", str(cache), "--out-dir", str(tmp_path), "--checkpoint-every", "1"]
+    full_dir, full, _ = recorded_run
     run, save, seen = tmp_path / "run", torch.save, []
 
     def full_disk(obj, path):
@@ -2164,7 +2210,7 @@ def test_a_full_disk_mid_checkpoint_stops_with_one_line_and_resume_gives_the_uni
         sleeper.kill()
         sleeper.wait()
         shutil.rmtree(cache / f".checkpoint-00009.tmp{sleeper.pid}")
-    assert strip_timing(lab.metrics(run)) == strip_timing(lab.metrics(tmp_path / "full"))
+    assert strip_timing(lab.metrics(run)) == strip_timing(lab.metrics(full_dir))
     assert strip_seconds(resumed) == strip_seconds(full)
 
 
@@ -2178,43 +2224,6 @@ def test_a_failed_write_leaves_the_file_as_it_was_and_no_temporary(tmp_path):
     with pytest.raises(lab.WriteFailed, match=re.escape(message)):
         lab.write_atomically(tmp_path / "latest", lambda tmp: (tmp.write_text("checkpoint-0"), no_space()))
     assert (tmp_path / "latest").read_text() == "checkpoint-00001" and os.listdir(tmp_path) == ["latest"]
-
-
-@pytest.mark.parametrize("advantage", ["gae", "gigpo"])
-@pytest.mark.slow
-def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, two_ranks, advantage):
-    """One PPO update (2 epochs of 2 minibatches, SGD) on 8 samples in one process, and on 4 samples in each of two
-    gloo processes (gigpo: 3 and 5, as whole episodes make them): the same weights within 1e-6, on both ranks alike."""
-    (rank0, rank1), _ = two_ranks
-    rank0, rank1 = rank0[advantage], rank1[advantage]
-    policy = replace(policy, temperature=0.2)
-    samples, advantages, returns = update_batch(policy)
-    before = [p.detach().clone() for p in trainable(policy)]
-    s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, target_kl=0, advantage=advantage)
-    stats = rl4vlm.ppo_update(policy, torch.optim.SGD(trainable(policy), lr=1e-2), samples, advantages, returns, s,
-                              np.random.default_rng(0))
-    after = [p.detach().clone() for p in trainable(policy)]
-    assert all(torch.equal(a, b) for a, b in zip(rank0["weights"], rank1["weights"]))
-    assert max(float((a - b).abs().max()) for a, b in zip(rank0["weights"], after)) < 1e-6
-    assert not all(torch.equal(a, b) for a, b in zip(before, after)) and stats["optimizer_steps"] == 4
-    assert rank0["stats"] == rank1["stats"]
-    # a step's KL is a float32 mean over many tokens: summed in another order on two ranks, it moved by 1.01e-6 here
-    bad = {k: (v, rank0["stats"][k]) for k, v in stats.items()
-           if rank0["stats"][k] != pytest.approx(v, rel=1e-5, abs=2e-6)}
-    assert not bad, bad
-
-
-@pytest.mark.parametrize("name", ["", "-gigpo"])
-@pytest.mark.slow
-def test_two_ranks_resume_exactly(two_ranks, name):
-    """A two-rank run stopped during update 2 and resumed writes the update-2 metrics of the
-    uninterrupted two-rank run; only rank 0 writes. With gigpo too (each rank one group of 2 envs)."""
-    (rank0, rank1), out = two_ranks
-    assert rank0["stopped_code" + name] == rank1["stopped_code" + name] == 130
-    assert strip_timing(lab.metrics(out / ("stopped" + name))) == strip_timing(lab.metrics(out / ("full" + name)))
-    assert len(lab.metrics(out / ("full" + name))) == 2
-    assert len(json.loads((out / ("full" + name) / "checkpoint-00002" / "envs.json").read_text())) == 2, "both ranks"
-    assert rank0["resumed" + name]["rl"]["success"] == rank0["full" + name]["rl"]["success"]
 
 
 @pytest.mark.slow
@@ -2325,8 +2334,15 @@ def parallel_suite(cache, tmp_path_factory):
     assert suite.returncode == 130, "".join(printed)
     left = [pid for pid, cmdline in command_lines().items() if f"--resume {out / 'suite'}" in cmdline]
     stopped = [task for task in ("NumberLine-GAE", "NumberLine-GiGPO") if "rl" not in lab.finished(out / "suite" / "seed1" / task)]
-    rl4vlm.main(["--resume", str(out / "suite")])
-    rl4vlm.main(args + ["--run-name", "serial", "--workers", "1"])
+    # the same runs with --workers 1, what the resumed suite must give: in a process of their own beside it, as the
+    # suite's two workers would leave a core idle once one of them has finished
+    serial = subprocess.Popen([sys.executable, str(HERE / "rl4vlm.py"), *args, "--run-name", "serial", "--workers", "1"],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        rl4vlm.main(["--resume", str(out / "suite")])
+    finally:
+        serial_printed = serial.communicate(timeout=300)[0]
+    assert serial.returncode == 0, serial_printed
     return out, "".join(printed), stopped, left
 
 
@@ -2661,6 +2677,46 @@ def test_pictures_with_different_crop_counts_batch_as_each_alone(tmp_path):
             alone = rl4vlm.logprobs_and_values(policy, row, gen_ids[i:i + 1], gen_mask[i:i + 1])
             assert torch.allclose(batch[0][i], alone[0][0], atol=1e-5)
             assert torch.allclose(batch[1][i], alone[1][0], atol=1e-5)
+
+
+# --- data parallel, last: its two ranks run beside every test above (two_ranks_started) ---
+
+
+@pytest.mark.parametrize("advantage", ["gae", "gigpo"])
+@pytest.mark.slow
+def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(policy, two_ranks, advantage):
+    """One PPO update (2 epochs of 2 minibatches, SGD) on 8 samples in one process, and on 4 samples in each of two
+    gloo processes (gigpo: 3 and 5, as whole episodes make them): the same weights within 1e-6, on both ranks alike."""
+    (rank0, rank1), _ = two_ranks
+    rank0, rank1 = rank0[advantage], rank1[advantage]
+    policy = replace(policy, temperature=0.2)
+    samples, advantages, returns = update_batch(policy)
+    before = [p.detach().clone() for p in trainable(policy)]
+    s, _ = settings(minibatch_size=4, micro_batch=1, update_epochs=2, target_kl=0, advantage=advantage)
+    stats = rl4vlm.ppo_update(policy, torch.optim.SGD(trainable(policy), lr=1e-2), samples, advantages, returns, s,
+                              np.random.default_rng(0))
+    after = [p.detach().clone() for p in trainable(policy)]
+    assert all(torch.equal(a, b) for a, b in zip(rank0["weights"], rank1["weights"]))
+    assert max(float((a - b).abs().max()) for a, b in zip(rank0["weights"], after)) < 1e-6
+    assert not all(torch.equal(a, b) for a, b in zip(before, after)) and stats["optimizer_steps"] == 4
+    assert rank0["stats"] == rank1["stats"]
+    # a step's KL is a float32 mean over many tokens: summed in another order on two ranks, it moved by 1.01e-6 here
+    bad = {k: (v, rank0["stats"][k]) for k, v in stats.items()
+           if rank0["stats"][k] != pytest.approx(v, rel=1e-5, abs=2e-6)}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("name", ["", "-gigpo"])
+@pytest.mark.slow
+def test_two_ranks_resume_exactly(two_ranks, name):
+    """A two-rank run stopped during update 2 and resumed writes the update-2 metrics of the
+    uninterrupted two-rank run; only rank 0 writes. With gigpo too (each rank one group of 2 envs)."""
+    (rank0, rank1), out = two_ranks
+    assert rank0["stopped_code" + name] == rank1["stopped_code" + name] == 130
+    assert strip_timing(lab.metrics(out / ("stopped" + name))) == strip_timing(lab.metrics(out / ("full" + name)))
+    assert len(lab.metrics(out / ("full" + name))) == 2
+    assert len(json.loads((out / ("full" + name) / "checkpoint-00002" / "envs.json").read_text())) == 2, "both ranks"
+    assert rank0["resumed" + name]["rl"]["success"] == rank0["full" + name]["rl"]["success"]
 
 
 if __name__ == "__main__":
