@@ -17,6 +17,7 @@ Measures, in one process (the warm-started built-in NumberLine policy, cached in
 - the log-probs and values the rollout keeps from generation against a separate full forward;
 - this process's peak resident memory.
 """
+import rl4vlm  # first: it pins torch's CPU kernels (CPU_PINS) before torch loads
 import argparse
 import itertools
 import json
@@ -40,7 +41,6 @@ from PIL import Image
 import envs
 import parse
 import ppo
-import rl4vlm
 
 
 class Profile:

@@ -9,6 +9,9 @@ solver that uses the env's own evaluator, a dynamic programme for Blackjack). Ch
    is no number instead of a hang (formula_value).
 2. Blackjack draws exactly as gymnasium's Blackjack-v1 (tested); only the dealer's face-up card draws a suit.
 3. A Points deal is solvable if some formula with + - * / and parentheses, in the env's actions, is accepted.
+4. A Points formula past max_entries ends the episode terminated, -1, where the original flags it truncated (its
+   name for a time limit): nothing moves there and every further step would end the same way, so it is an end, and
+   PPO must not bootstrap it from the state it came from (the paper's PPO bootstraps no ending at all).
 """
 import ast
 import functools
@@ -258,7 +261,7 @@ def number_entries(formula):
 class PointsEnv(GymCardsEnv):
     """Append numbers and operators to a formula, then "=" to have it checked against the target."""
 
-    # subclasses set: target, max_entries (truncated beyond), card_boxes, rank_size, formula_top, formula_size
+    # subclasses set: target, max_entries (the episode ends beyond), card_boxes, rank_size, formula_top, formula_size
 
     @property
     def numbers(self):
@@ -267,7 +270,7 @@ class PointsEnv(GymCardsEnv):
     def play(self, action):
         entry = self.actions[action]
         if len(self.formula) > self.max_entries:
-            return -1.0, False, True
+            return -1.0, True, False  # terminated, not the original's truncated: choice 4 above
         if entry.isdigit() and number_entries(self.formula).count(int(entry)) >= self.numbers.count(int(entry)):
             self.formula.append(" ")  # a number used more often than the cards allow leaves a blank
             return -1.0, False, False
@@ -601,6 +604,10 @@ TASKS = {task.env_id: task for task in (
          defaults=dict(num_steps=16, max_new_tokens=32, sft_steps=3600, sft_expert=0.0, sft_follow=0.75, kl_coef=0.3),
          paper=dict(rl=40.2, no_cot=40.4, sft=23.1)),
 )}
+
+# The gym-cards suite (--env gym-cards) and the built-in model's tokenizer corpus: these four whatever a fork adds to
+# TASKS, so that a new task changes neither the four tasks' built-in model nor their numbers.
+GYM_CARDS = ("gym_cards/NumberLine-v0", "gym_cards/EZPoints-v0", "gym_cards/Points24-v0", "gym_cards/Blackjack-v0")
 
 for _task in TASKS.values():
     if _task.env_id not in gym.registry:  # running this file as a script imports it a second time

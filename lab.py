@@ -34,7 +34,8 @@ import ppo
 ABLATIONS = {"": {"": {}},  # --ablations: the variants each task runs in, and the settings each changes
              "cot": {"with CoT": dict(cot=True), "without CoT": dict(cot=False)},
              "lambda": {f"lambda {c}": dict(cot=True, thought_coef=c) for c in (0.0, 0.5, 1.0)},
-             "advantage": {"GAE": dict(advantage="gae"), "GiGPO": dict(advantage="gigpo")}}
+             "advantage": {"GAE": dict(advantage="gae"), "GiGPO": dict(advantage="gigpo")},
+             "vloss": {"value clip": dict(clip_vloss=True), "no value clip": dict(clip_vloss=False)}}
 PAPER = {"": "rl", "with CoT": "rl", "without CoT": "no_cot", "GAE": "rl"}  # a variant's number in Task.paper
 
 

@@ -4,9 +4,12 @@ Everything here sees per-sample numbers; rl4vlm.py computes log pi(a|s) from the
 Departures from textbook PPO (Schulman et al. 2017) and from CleanRL's ppo.py:
 1. Truncation bootstraps from V of the episode's final observation; only termination cuts it.
 2. ppo_loss does not normalise advantages (the caller does, per minibatch): at ratio 1 it is -mean(adv).
-3. The value loss is clipped with clip_coef, as CleanRL and the RL4VLM code do.
+3. The value loss is clipped with clip_coef only if asked (clip_vloss, CleanRL's switch; the RL4VLM code clips):
+   a clip in raw reward units lets V move at most clip_coef per update, too little to reach a win's +10.
 4. LoRA adapters and the value head (H -> 1024 -> 512 -> 1, as in the RL4VLM code) stay float32 whatever
    the base model's dtype, so that small updates are not rounded away.
+5. The KL penalty's loss is k2 = (log pi - log pi_ref)^2 / 2 per token, whose gradient on samples from pi is that of
+   KL(pi || pi_ref); the KL logged is k3, which estimates the same KL's value without bias (token_kl).
 """
 import json
 import math
@@ -93,8 +96,9 @@ def explained_variance(values, returns):
 
 
 def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns,
-             clip_coef=0.1, vf_coef=0.5):
-    """The clipped PPO loss on one minibatch of (B,) tensors -> (loss, stats of floats)."""
+             clip_coef=0.1, vf_coef=0.5, clip_vloss=False):
+    """The clipped PPO loss on one minibatch of (B,) tensors -> (loss, stats of floats). clip_vloss: the value loss
+    too is clipped to old_values +- clip_coef (past it, no gradient)."""
     tensors = (new_logprobs, old_logprobs, advantages, new_values, old_values, returns)
     assert len({x.shape for x in tensors}) == 1, f"shapes differ: {[tuple(x.shape) for x in tensors]}"
     logratio = new_logprobs - old_logprobs
@@ -103,8 +107,11 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()  # pessimistic bound: clipping only ever removes gain
 
-    v_clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
-    v_loss = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    v_loss = (new_values - returns) ** 2
+    if clip_vloss:
+        v_clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
+        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
+    v_loss = 0.5 * v_loss.mean()
     loss = pg_loss + vf_coef * v_loss
 
     with torch.no_grad():
@@ -115,10 +122,18 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
 
 
 def token_kl(logprobs, ref_logprobs, mask):
-    """KL(pi || pi_ref) of each sample, the mean over its tokens of k3 = r - 1 - log r with r = pi_ref / pi
-    (unbiased and >= 0 for tokens drawn from pi, http://joschu.net/blog/kl-approx.html): (B, G) -> (B,)."""
+    """The value of KL(pi || pi_ref) of each sample, the mean over its tokens of k3 = r - 1 - log r, r = pi_ref / pi
+    (unbiased and >= 0 for tokens drawn from pi, http://joschu.net/blog/kl-approx.html): (B, G) -> (B,). Logged, not
+    a loss: on samples from pi its gradient is that of the other KL, KL(pi_ref || pi)."""
     log_r = (ref_logprobs - logprobs).where(mask, 0.0)
     return ((log_r.exp() - 1 - log_r) * mask).sum(1) / mask.sum(1)
+
+
+def kl_penalty(logprobs, ref_logprobs, mask):
+    """The KL penalty's loss of each sample, the mean over its tokens of k2 = (log pi - log pi_ref)^2 / 2: on tokens
+    drawn from pi its gradient is that of KL(pi || pi_ref) (E_pi[(log pi - log pi_ref) grad log pi]). (B, G) -> (B,)."""
+    log_ratio = (logprobs - ref_logprobs).where(mask, 0.0)
+    return (0.5 * log_ratio ** 2).sum(1) / mask.sum(1)
 
 
 # ---- LoRA (Hu et al. 2021): W x + (alpha / rank) * B A x, with B = 0 at the start

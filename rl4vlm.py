@@ -14,6 +14,17 @@ curves, pages of episodes, several runs at once). Where this departs from the pa
 """
 from __future__ import annotations
 
+import os
+import platform
+
+# ---- One set of CPU kernels: torch, MKL and oneDNN pick theirs by the CPU (AVX512 here, AVX2 there), and their
+# float sums then differ in the 7th digit, which a run grows into points. Pinned to AVX2, any x86-64 CPU with AVX2
+# gives the same numbers; set before torch loads, and only where the user has not set them.
+CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    for _name, _value in CPU_PINS.items():
+        os.environ.setdefault(_name, _value)
+
 import argparse
 import bisect
 import copy
@@ -23,7 +34,6 @@ import inspect
 import itertools
 import json
 import math
-import os
 import re
 import time
 import weakref
@@ -63,8 +73,8 @@ class Settings:
     model: str = _opt(BUILTIN, "'builtin' (a tiny LLaVA built on first use) or a Hugging Face VLM id or folder")
     seed: int = _opt(1, "seed of everything: model init, envs, sampling, minibatches")
     seeds: list = _opt((), "one run per seed (e.g. --seeds 1 2 3) in OUT_DIR/RUN_NAME/seed<n>, tables over them", int)
-    ablations: str = _opt("", "each task run as cot (with, without CoT), lambda (thought_coef 0, 0.5, 1) or "
-                          "advantage (gae, gigpo) says",
+    ablations: str = _opt("", "each task run as cot (with, without CoT), lambda (thought_coef 0, 0.5, 1), "
+                          "advantage (gae, gigpo) or vloss (--clip-vloss, --no-clip-vloss) says",
                           check=tuple(lab.ABLATIONS))
     out_dir: str = _opt("runs", "runs are written to OUT_DIR/RUN_NAME")
     run_name: str = _opt("", "default: <task>-seed<seed>-<unix time>")
@@ -74,7 +84,8 @@ class Settings:
     device: str = _opt("auto", "torch device: auto (cuda if there is one, else cpu), cpu, cuda, cuda:1...")
     dtype: str = _opt("float32", "model weights (LoRA, value head, logits, PPO maths: float32)", check=DTYPES)
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
-    threads: int = _opt(1, "torch CPU threads (1: the same numbers on any machine, 0: torch's default)", check=">= 0")
+    threads: int = _opt(1, "torch CPU threads (1 and the AVX2 kernel pins, CPU_PINS, unless the environment sets "
+                        "them: the same numbers on any x86-64 CPU with AVX2; 0: torch's default)", check=">= 0")
     workers: int = _opt(0, "runs of a suite at once, a process each (0: one per CPU core)", check=">= 0")
     dist_timeout: float = _opt(30.0, "under torchrun: minutes a rank waits for the others", check="> 0")
 
@@ -101,7 +112,8 @@ class Settings:
     group_norm: str = _opt("std", "gigpo: against the group as (x - mean) / std, or as x - mean (mean)",
                            check=("std", "mean"))
     mixed_groups: bool = _opt(False, "gigpo: learn only from groups whose copies neither all won nor all lost")
-    clip_coef: float = _opt(0.1, "PPO clip range, also for the value loss", check="> 0")
+    clip_coef: float = _opt(0.1, "PPO clip range (of the value loss too with --clip-vloss)", check="> 0")
+    clip_vloss: bool = _opt(False, "clip the value loss to the sampling pass's value +- clip_coef (as the paper)")
     update_epochs: int = _opt(4, "PPO epochs per update", check="> 0")
     minibatch_size: int = _opt(128, "samples per optimizer step (in all, under torchrun)", check="> 0")
     micro_batch: int = _opt(32, "samples per forward pass on each rank (gradients are accumulated)", check="> 0")
@@ -203,8 +215,9 @@ def check_settings(s: Settings) -> None:
 
 
 def tasks_of(env: str) -> list:
-    """--env: gym-cards (all four tasks), one task, or several joined by commas."""
-    return list(envs.TASKS.values()) if env == SUITE else [envs.get_task(name) for name in env.split(",")]
+    """--env: gym-cards (the four gym-cards tasks, envs.GYM_CARDS), one task, or several joined by commas."""
+    names = envs.GYM_CARDS if env == SUITE else env.split(",")
+    return [envs.get_task(name) for name in names]
 
 
 # ---- Random streams and environments: every episode's seed, and a batch of envs
@@ -269,9 +282,10 @@ class EnvPool:
 
 
 def task_corpus(seed: int, episodes: int = 100) -> list[str]:
-    """Every task's prompts and answers (with and without CoT) from play that follows the expert half of the time."""
+    """The four gym-cards tasks' prompts and answers (with and without CoT) from play that follows the expert half of
+    the time. Only these four, whatever TASKS holds: a task a fork adds is written in the byte-level fallback."""
     rng, texts = np.random.default_rng(seed), []
-    for task in envs.TASKS.values():
+    for task in map(envs.get_task, envs.GYM_CARDS):
         env = gym.make(task.env_id)
         for episode in range(episodes):
             (_, info), done = env.reset(seed=seed + episode), False
@@ -296,7 +310,8 @@ def build_builtin(folder: Path, seed: int) -> None:
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
     # numbers and action strings stay apart; the repeated text between them merges into long tokens (short sequences)
-    words = sorted({a for task in envs.TASKS.values() for a in task.actions if not a.isdigit()}, key=len, reverse=True)
+    words = sorted({a for task in map(envs.get_task, envs.GYM_CARDS) for a in task.actions if not a.isdigit()},
+                   key=len, reverse=True)
     apart = Regex("|".join([r"\d+"] + [re.escape(w) for w in words]))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(apart, "isolated"),
@@ -935,11 +950,11 @@ def minibatch_loss(policy: Policy, samples: list[Sample], b: dict, mb, s: Settin
             new_logprobs = (logprobs * weights).sum(1)  # log pi(a|s), (micro,)
             loss, stats = ppo.ppo_loss(new_logprobs, b["logprobs"][micro], mb_advantages[places[j:j + s.micro_batch]],
                                        new_values, b["values"][micro], b["returns"][micro], s.clip_coef,
-                                       s.vf_coef if gae else 0.0)  # gigpo: no critic
-            if s.kl_coef:  # toward the warm start, per answer token
-                warm_kl = ppo.token_kl(logprobs, pad_answers([x.warm_logprobs for x in part], 0)[0].to(logprobs),
-                                       gen_mask).mean()
-                loss, stats["warm_kl"] = loss + s.kl_coef * warm_kl, warm_kl.item()
+                                       s.vf_coef if gae else 0.0, s.clip_vloss)  # gigpo: no critic
+            if s.kl_coef:  # toward the warm start, per answer token: k2's gradient, k3's value (ppo.py, 5)
+                warm = pad_answers([x.warm_logprobs for x in part], 0)[0].to(logprobs)
+                loss = loss + s.kl_coef * ppo.kl_penalty(logprobs, warm, gen_mask).mean()
+                stats["warm_kl"] = ppo.token_kl(logprobs, warm, gen_mask).mean().item()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"PPO loss is {loss.item()} (stats {stats}); the last checkpoint is untouched")
         if backward:

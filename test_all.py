@@ -4,6 +4,7 @@ Fixtures and helpers come first, then the tests of envs.py, parse.py, ppo.py and
 that order, the data-parallel ones last (their two ranks run beside the others); each test is
 named after the rule it proves and checks it exactly, against a hand computation or an
 independent implementation. No test times anything: bench.py does."""
+import rl4vlm  # first: it pins torch's CPU kernels (CPU_PINS) before torch loads
 from collections import Counter
 from dataclasses import fields, replace
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import random
 import re
 import shutil
@@ -46,7 +48,6 @@ import envs
 import lab
 import parse
 import ppo
-import rl4vlm
 
 
 # ======================================================================================
@@ -738,12 +739,25 @@ def test_points24_deal_distribution():
 
 
 @pytest.mark.parametrize("env_id,limit", [("gym_cards/EZPoints-v0", 5), ("gym_cards/Points24-v0", 20)])
-def test_points_truncated_with_minus_1_once_formula_is_too_long(env_id, limit):
+def test_points_formula_too_long_ends_terminated_with_minus_1(env_id, limit):
     env = make(env_id, formula=["+"] * limit)
     assert press(env, "+") == (0.0, False, False) and len(env.formula) == limit + 1
-    assert press(env, "=") == (-1.0, False, True), "'=' comes after the length check"
+    assert press(env, "=") == (-1.0, True, False), "'=' comes after the length check; an end, not a time limit"
     env.formula = ["+"] * limit
     assert press(env, "=")[1] is True, f"{limit} entries may still be evaluated"
+
+
+@pytest.mark.parametrize("env_id,limit", [("gym_cards/EZPoints-v0", 5), ("gym_cards/Points24-v0", 20)])
+def test_the_formula_too_long_ending_is_not_bootstrapped_so_its_value_is_minus_1(env_id, limit):
+    # the step's final state is the state it came from: bootstrapped, V's target there is -1 + gamma V, whose fixed
+    # point is -1 / (1 - gamma) = -10; not bootstrapped, the target is -1 whatever V says
+    env = make(env_id, formula=["+"] * (limit + 1))
+    reward, terminated, truncated = press(env, "+")
+    flags = [torch.tensor([[flag]]) for flag in (terminated, truncated)]
+    value = torch.zeros(1, 1)
+    for _ in range(200):  # the critic fitted to its own target, again and again
+        _, value = ppo.compute_gae(torch.tensor([[reward]]), value, value, *flags, 0.9, 0.95)
+    assert value.item() == -1.0
 
 
 def test_points_illegal_number_appends_a_blank():
@@ -1268,10 +1282,23 @@ def test_ppo_value_clipping():
     per_sample = torch.tensor([0.81, 0.25, 0.9025, 0.81, 0.64])
     zeros = torch.zeros(5)
     new = values.clone().requires_grad_()
-    loss, stats = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, vf_coef=1.0)
+    loss, stats = ppo.ppo_loss(zeros, zeros, zeros, new, old_values, returns, clip_coef=clip, vf_coef=1.0,
+                               clip_vloss=True)
     loss.backward()
     assert torch.allclose(loss, 0.5 * per_sample.mean())
     assert (new.grad == 0).tolist() == [True, False, False, True, False]
+
+
+def test_without_the_value_clip_the_value_loss_follows_returns_far_from_the_old_values():
+    # a win's return +10 where the sampling pass said 0: clipped, V gets no gradient past 0.1; unclipped, the plain
+    # squared error 0.5 * (V - R)^2, gradient V - R
+    values, returns, zeros = torch.tensor([0.5, -0.5, 0.05]), torch.tensor([10.0, -1.0, 1.0]), torch.zeros(3)
+    new = values.clone().requires_grad_()
+    loss, _ = ppo.ppo_loss(zeros, zeros, zeros, new, zeros, returns, clip_coef=0.1, vf_coef=1.0)
+    loss.backward()
+    assert torch.allclose(loss, 0.5 * ((values - returns) ** 2).mean())
+    assert torch.allclose(new.grad, (values - returns) / 3)
+    assert rl4vlm.Settings().clip_vloss is False
 
 
 def test_explained_variance_by_hand():
@@ -1398,7 +1425,7 @@ def test_value_head_float32():
     (["--sft-expert", "1.5"], "--sft-expert must be in [0, 1]"),
     (["--sft-follow", "-0.1"], "--sft-follow must be in [0, 1]"),
     (["--target-kl", "-1"], "--target-kl must be >= 0"),
-    (["--ablations", "dropout"], "--ablations must be cot, lambda or advantage"),
+    (["--ablations", "dropout"], "--ablations must be cot, lambda, advantage or vloss"),
     (["--advantage", "grpo"], "--advantage must be gae or gigpo, got 'grpo'"),
     (["--advantage", "gigpo", "--group-size", "1"], "--group-size must be 2 or more"),
     (["--advantage", "gigpo", "--num-envs", "12"], "--num-envs per rank (12) a multiple of it, got 8"),
@@ -1499,6 +1526,29 @@ def test_a_model_without_a_chat_template_is_rejected(llava):
     (llava / "chat_template.jinja").unlink()
     with pytest.raises(SystemExit, match="has no chat template"):
         rl4vlm.load_policy(str(llava), "cpu")
+
+
+def test_a_task_added_to_the_table_changes_neither_the_suite_nor_the_builtin_model(monkeypatch):
+    # a fork's task, registered and in the table: --env gym-cards still means the four, and the built-in model (its
+    # tokenizer's corpus, hence its key) stays the four tasks' own
+    key, suite = rl4vlm.builtin_key(1), rl4vlm.tasks_of("gym-cards")
+    mine = replace(envs.get_task("numberline"), env_id="gym_cards/Mine-v0", goal="Reach the other number, quickly.")
+    monkeypatch.setitem(gym.registry, mine.env_id, gym.envs.registration.EnvSpec(mine.env_id, envs.NumberLineEnv))
+    monkeypatch.setitem(envs.TASKS, mine.env_id, mine)
+    assert rl4vlm.tasks_of("gym-cards") == suite == [envs.TASKS[i] for i in envs.GYM_CARDS]
+    assert rl4vlm.builtin_key(1) == key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the pins are x86-64's")
+def test_torch_mkl_and_onednn_kernels_are_pinned_to_avx2_unless_the_user_set_them():
+    code = "import os, rl4vlm, torch; print(torch.backends.cpu.get_cpu_capability(), *map(os.getenv, rl4vlm.CPU_PINS))"
+    env = {k: v for k, v in os.environ.items() if k not in rl4vlm.CPU_PINS}
+    ask = lambda: subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True,
+                                 check=True).stdout.split()
+    assert ask() == ["AVX2", "avx2", "AVX2", "AVX2"]  # this machine's own is AVX512
+    env["ATEN_CPU_CAPABILITY"] = "default"
+    assert ask() == ["DEFAULT", "default", "AVX2", "AVX2"]
 
 
 def test_env_names_one_task_several_or_the_suite():
@@ -1918,6 +1968,24 @@ def test_token_kl_is_the_mean_k3_over_the_answer_tokens_by_hand():
     assert ppo.token_kl(logprobs, ref, mask).tolist() == pytest.approx([0.25, 0.0], abs=1e-7)
 
 
+def test_the_kl_penalty_has_the_gradient_of_kl_from_pi_to_the_warm_start_on_a_small_softmax():
+    # tokens x ~ pi, the loss's per-token value at x with x held fixed: its expectation's gradient, sum_x pi(x) grad
+    # loss(x), against the exact gradients of KL(pi || ref) = sum pi log(pi / ref) and of KL(ref || pi)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, generator=generator, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(6, generator=generator, dtype=torch.float64).log_softmax(0)
+    logp, mask = logits.log_softmax(0), torch.ones(6, 1, dtype=torch.bool)
+    penalty = ppo.kl_penalty(logp[:, None], ref[:, None], mask)  # (6,): each token as a one-token answer
+    (grad,) = torch.autograd.grad((logp.exp().detach() * penalty).sum(), logits, retain_graph=True)
+    (forward_kl,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits, retain_graph=True)
+    (reverse_kl,) = torch.autograd.grad((ref.exp() * (ref - logp)).sum(), logits)
+    assert torch.allclose(grad, forward_kl, atol=1e-12)
+    assert (grad - reverse_kl).abs().max() > 1e-2  # k3 (token_kl) as the loss has this one's gradient
+    # the logged value stays k3's, an estimate of the same KL: its expectation is KL(pi || ref) exactly
+    k3 = ppo.token_kl(logp[:, None].detach(), ref[:, None], mask)
+    assert (logp.exp() * k3).sum().item() == pytest.approx((logp.exp() * (logp - ref)).sum().item(), abs=1e-12)
+
+
 def test_the_kl_penalty_reads_the_warm_start_as_the_model_with_its_adapters_off(policy):
     """Adapters moved off zero: lora_off gives the log-probs of the adapters at zero, and the update's warm_kl is
     token_kl of the policy against those, computed by hand (lr 0: no step moves anything)."""
@@ -2021,9 +2089,9 @@ STAGE = ["success", "mean_return", "format_fail", "read_right", "thought_right",
 NaN = math.nan  # as JSON writes it: an update in which no episode ended has no success rate
 # ---- recorded run: begin
 RECORDED = {"updates": [
- [{"episodes": 1, "success": 0.0, "mean_return": 0.0, "format_fail": 0.0, "optimizer_steps": 3, "undone_steps": 0, "read_right": 0.0, "thought_right": 0.5625, "action_share": {"-": 0.125, "+": 0.875}}, {"approx_kl": 0.03340317, "clipfrac": 0.53125, "policy_loss": -0.01960343, "value_loss": 1.757018, "grad_norm": 3.75597, "step_kl_max": 0.04594456, "warm_kl": 0.01092082}],
- [{"episodes": 0, "success": NaN, "mean_return": NaN, "format_fail": 0.1875, "optimizer_steps": 8, "undone_steps": 0, "read_right": 0.0, "thought_right": 0.5625, "action_share": {"-": 0.5, "+": 0.5}}, {"approx_kl": 0.0112598, "clipfrac": 0.4375, "policy_loss": -0.01739199, "value_loss": 0.7275216, "grad_norm": 1.91047, "step_kl_max": 0.02731085, "warm_kl": 0.02685917}],
- [{"episodes": 5, "success": 0.2, "mean_return": -3.4, "format_fail": 0.0, "optimizer_steps": 8, "undone_steps": 0, "read_right": 0.0625, "thought_right": 0.5, "action_share": {"-": 0.3125, "+": 0.6875}}, {"approx_kl": 0.001113542, "clipfrac": 0.03125, "policy_loss": -0.01028229, "value_loss": 0.6601078, "grad_norm": 1.673476, "step_kl_max": 0.006987333, "warm_kl": 0.02286868}],
+ [{"episodes": 1, "success": 0.0, "mean_return": 0.0, "format_fail": 0.0, "optimizer_steps": 3, "undone_steps": 0, "read_right": 0.0, "thought_right": 0.5625, "action_share": {"-": 0.125, "+": 0.875}}, {"approx_kl": 0.03352648, "clipfrac": 0.53125, "policy_loss": -0.02110836, "value_loss": 1.1109, "grad_norm": 3.122407, "step_kl_max": 0.04594457, "warm_kl": 0.0108577}],
+ [{"episodes": 0, "success": NaN, "mean_return": NaN, "format_fail": 0.1875, "optimizer_steps": 8, "undone_steps": 0, "read_right": 0.0, "thought_right": 0.5625, "action_share": {"-": 0.5, "+": 0.5}}, {"approx_kl": 0.01091153, "clipfrac": 0.4375, "policy_loss": -0.02157405, "value_loss": 0.4806544, "grad_norm": 3.585103, "step_kl_max": 0.02243419, "warm_kl": 0.02721129}],
+ [{"episodes": 4, "success": 0.0, "mean_return": -4.5, "format_fail": 0.0, "optimizer_steps": 8, "undone_steps": 0, "read_right": 0.0625, "thought_right": 0.5, "action_share": {"-": 0.25, "+": 0.75}}, {"approx_kl": 0.00411827, "clipfrac": 0.265625, "policy_loss": -0.0146858, "value_loss": 0.7637825, "grad_norm": 1.773209, "step_kl_max": 0.009650953, "warm_kl": 0.03133047}],
 ], "results": {
  "warm_start": {"success": 0.25, "mean_return": -3.75, "format_fail": 0.03448275862068961, "read_right": 0.034482758620689655, "thought_right": 0.4482758620689655, "expert_match": 0.25},
  "rl": {"success": 0.5, "mean_return": -1.75, "format_fail": 0.06666666666666665, "read_right": 0.0, "thought_right": 0.4, "expert_match": 0.25},
