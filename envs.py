@@ -509,7 +509,7 @@ class Task:
     context: Callable[[dict], str] = lambda info: ""  # state given as text in the prompt
     # per-task training settings (rl4vlm.Settings fields the command line leaves unset)
     defaults: dict = field(default_factory=dict)
-    # the paper's success rates (%, LLaVA-1.6-7B): after SFT + RL, without chain of thought, SFT only
+    # the paper's success rates (%, LLaVA-1.6-7B), where it has them: after SFT + RL, without CoT, SFT only
     paper: dict = field(default_factory=dict)
     solvable: Callable[[dict], bool] | None = None  # can this deal be won at all (Points24)
 

@@ -507,7 +507,7 @@ def seed_rows(rows, seeds) -> list[str]:
 def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
     """Markdown: success % per seed, mean and min-max, the paper's, expert match, PPO step sizes, pages. CSV: all."""
     stages = (("warm_start", "warm start only", "sft"), ("rl", "after RL", "rl"))
-    rows = [(t.name, label, [results[t.name, seed][stage] for seed in seeds], t.paper[paper])
+    rows = [(t.name, label, [results[t.name, seed][stage] for seed in seeds], t.paper.get(paper, ""))
             for t in tasks for stage, label, paper in stages]
     md = [f"Success % (seeds {', '.join(map(str, seeds))}; 500 held-out episodes a cell unless --eval-episodes "
           "says otherwise)", "", *seed_rows(rows, seeds), "",
@@ -527,7 +527,7 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
             r = results[t.name, seed][stage]
             csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},"
                        f"{r['episodes']},{r['expert_match']:.4f},{r['read_right']:.4f},{r['thought_right']:.4f},"
-                       f"{r['format_fail']:.4f},{r.get('solvable', '')},{t.paper[paper]}")
+                       f"{r['format_fail']:.4f},{r.get('solvable', '')},{t.paper.get(paper, '')}")
     md += [f"\n{t.name}: {100 * np.mean([results[t.name, seed]['rl']['solvable'] for seed in seeds]):.1f}% of the "
            "evaluated deals can be won at all." for t in tasks if t.solvable]
     pages = [f"[{t.name} seed {seed}, {stage}](seed{seed}/{t.name}/episodes-{stage}.md)" for t in tasks

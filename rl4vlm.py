@@ -1201,7 +1201,7 @@ def run(s: Settings, task, run_dir: Path) -> dict:
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(policy.device) / 2**30:.2f} GiB")
     if is_main:
         lab.write_text(results_path, json.dumps(results, indent=1))
-        log(lab.report_run(run_dir, task, results, task.paper["rl" if s.cot else "no_cot"]))
+        log(lab.report_run(run_dir, task, results, task.paper.get("rl" if s.cot else "no_cot", "")))
     return results
 
 

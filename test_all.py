@@ -1821,6 +1821,17 @@ def test_a_run_warm_started_on_an_sft_data_file(llava, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_task_without_the_papers_numbers_writes_its_tables_and_curves(llava, tmp_path, monkeypatch):
+    task = envs.get_task("numberline")
+    monkeypatch.setitem(envs.TASKS, task.env_id, replace(task, paper={}))  # a fork's task: the paper never ran it
+    rl4vlm.main(fast_args(llava, tmp_path, "--run-name", "one"))
+    assert "| rl |" in (tmp_path / "one" / "results.md").read_text() and (tmp_path / "one" / "curve.png").exists()
+    rl4vlm.main(fast_args(llava, tmp_path, "--seeds", "1", "2", "--workers", "1", "--run-name", "suite"))
+    table = (tmp_path / "suite" / "results.md").read_text()
+    assert "| NumberLine | after RL |" in table and table.count("|  |") == 2  # the paper's column empty
+    assert (tmp_path / "suite" / "results.csv").read_text().splitlines()[1].endswith(",")
+
+
 def test_sft_steps_0_starts_rl_from_the_model_itself(llava, tmp_path):
     results = rl4vlm.main(fast_args(llava, tmp_path, "--sft-steps", "0", "--run-name", "no-sft"))
     assert set(results) == {"warm_start", "rl"} and not list((tmp_path / "cache").glob("sft-*"))
