@@ -26,6 +26,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
         os.environ.setdefault(_name, _value)
 
 import argparse
+import ast
 import bisect
 import copy
 import hashlib
@@ -35,6 +36,7 @@ import itertools
 import json
 import math
 import re
+import textwrap
 import time
 import weakref
 from collections import OrderedDict
@@ -300,8 +302,28 @@ def task_corpus(seed: int, episodes: int = 100) -> list[str]:
 
 def builtin_key(seed: int) -> str:
     """What shapes the built-in model, hashed: the tokenizer's corpus (the tasks' prompts and answers) and its builder.
-    A cached model is found again after any other change (a comment, a docstring, the expert's code)."""
-    return hashlib.sha256((json.dumps(task_corpus(seed)) + inspect.getsource(build_builtin)).encode()).hexdigest()[:8]
+    A cached model is found again after any other change (a comment, the expert's code)."""
+    return hashlib.sha256((json.dumps(task_corpus(seed)) + code_key(build_builtin)).encode()).hexdigest()[:8]
+
+
+def code_key(*functions) -> str:
+    """The code of these functions and classes, hashed as Python reads it: a comment or a blank line changes nothing."""
+    trees = [ast.dump(ast.parse(textwrap.dedent(inspect.getsource(f)))) for f in functions]
+    return hashlib.sha256("\n".join(trees).encode()).hexdigest()[:16]
+
+
+def model_key(path: str) -> str:
+    """What a model is, hashed: every file of its folder (config, weights, tokenizer, template), or for a hub id the
+    revision its files come from. A model saved again at the same path, with other weights, is another model."""
+    folder = Path(path)
+    if not folder.is_dir():  # a hub id: the commit that holds its config now (the cached one when offline)
+        from huggingface_hub import hf_hub_download
+        return "revision " + Path(hf_hub_download(path, "config.json")).parent.name
+    digest = hashlib.sha256()
+    for file in sorted(f for f in folder.iterdir() if f.is_file()):  # a 7B model's 15 GB: about 10 s, once a run
+        with open(file, "rb") as f:
+            digest.update(file.name.encode() + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def build_builtin(folder: Path, seed: int) -> None:
@@ -628,7 +650,7 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
                 log(f"building the built-in tiny VLM in {path}")
                 build_builtin(Path(path), s.seed)
     if s.sft_steps > 0:
-        key = warm_start_key(s, task, Path(path).name)
+        key = warm_start_key(s, task, model_key(path))
         folder = Path(s.cache_dir) / f"sft-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
         with lab.building(folder):
             if not (folder / "config.json").exists():
@@ -640,17 +662,25 @@ def warm_started_policy(s: Settings, task, log) -> Policy:
 
 
 def warm_start_key(s: Settings, task, base: str) -> dict:
-    """What shapes a warm start, and names its cached folder: the settings it uses, the base model (its folder's name
-    for the built-in), its data (the first batches' fingerprint, or the --sft-data file's hash) and its seeds."""
+    """What shapes a warm start, and names its cached folder: the settings it uses, the base model (base: model_key's),
+    its data (the first batches' fingerprint, or the --sft-data file's hash), its seeds and its code (WARM_START_CODE's
+    functions as this module holds them now)."""
     full = s.model == BUILTIN  # from scratch: every weight trains; a pretrained model: LoRA, merged after
     key = {k: getattr(s, k) for k in ("model", "cot", "sft_steps", "sft_batch", "sft_lr", "sft_expert", "sft_follow",
                                       "seed", "max_grad_norm", "dtype", "temperature")}
     episodes = stream("warm_start", s.seed).start
     data = (hashlib.sha256(Path(s.sft_data).read_bytes()).hexdigest() if s.sft_data
             else fingerprint(states_batches(task, s, np.random.default_rng(episodes))))
+    code = code_key(*[globals()[name] for name in WARM_START_CODE], ppo.LoRALinear, ppo.add_lora, ppo.merge_lora)
     return dict(key, env=task.env_id, aux=s.aux_loss == "on" or (s.aux_loss == "auto" and full and not s.sft_data),
-                base=base, data=data, episodes=episodes,
+                base=base, data=data, episodes=episodes, code=code,
                 lora=None if full else [s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets, s.lora_vision])
+
+
+# the code that shapes a warm start (what it reads, its loss, the batch layout, the pass, LoRA), in its cache key
+WARM_START_CODE = ("warm_start_into", "warm_start", "states_batches", "file_batches", "perception_heads", "sft_loss",
+                   "answer_text", "encode_prompt", "pad_prompts", "pad_answers", "forward", "sampling_logits",
+                   "position_ids", "first_pass_state", "load_policy", "float32_logits", "add_lora", "lora_targets")
 
 
 def warm_start_into(folder: Path, path: str, s: Settings, task, key: dict, log) -> None:

@@ -36,7 +36,7 @@ from PIL import Image
 from gymnasium.envs.toy_text.blackjack import BlackjackEnv as GymnasiumBlackjack
 from gymnasium.utils import seeding
 from gymnasium.utils.env_checker import check_env
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
 import gymnasium as gym
 import numpy as np
@@ -2360,6 +2360,46 @@ def test_cached_models_are_keyed_on_what_shapes_them_not_on_envs_py_bytes(tmp_pa
     changed_answer = cache_keys()
     for changed in (changed_prompt, changed_answer):
         assert changed[0] != here[0] and changed[1] != here[1]
+
+
+def test_a_warm_start_is_keyed_on_the_code_that_shapes_it_not_on_its_comments(monkeypatch):
+    here, loss = cache_keys(), rl4vlm.sft_loss
+
+    def sft_loss(policy, heads, task, batch):
+        return loss(policy, heads, task, batch)
+
+    def sft_loss_edited(policy, heads, task, batch):  # twice the loss: another warm start
+        total, stats = loss(policy, heads, task, batch)
+        return 2 * total, stats
+    monkeypatch.setattr(rl4vlm, "sft_loss", sft_loss_edited)
+    changed = cache_keys()
+    assert changed[0] == here[0] and changed[1] != here[1]
+    assert rl4vlm.code_key(sft_loss) != rl4vlm.code_key(sft_loss_edited)
+    assert rl4vlm.code_key(plain()) == rl4vlm.code_key(commented())  # comments and blank lines are not code
+
+
+def plain():
+    def f(x):
+        return x + 1
+    return f
+
+
+def commented():
+    def f(x):  # a comment
+
+        return x + 1  # and another
+    return f
+
+
+@pytest.mark.slow
+def test_another_model_saved_at_the_same_path_gets_a_warm_start_of_its_own(llava, tmp_path):
+    rl4vlm.main(fast_args(llava, tmp_path, "--total-steps", "4", "--run-name", "first"))
+    weights = load_file(llava / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01  # retrained, saved where the first one was: same folder name, same config
+    save_file(weights, llava / "model.safetensors", metadata={"format": "pt"})
+    rl4vlm.main(fast_args(llava, tmp_path, "--total-steps", "4", "--run-name", "second"))
+    assert len(list((tmp_path / "cache").glob("sft-*"))) == 2
 
 
 @pytest.mark.slow
