@@ -153,7 +153,8 @@ GROUPS = {"env": "run and output", "cot": "the method", "num_envs": "PPO", "lora
           "sft_steps": "warm start", "eval_episodes": "evaluation and checkpoints"}  # --help: first field -> header
 
 
-def parse_settings(argv=None) -> Settings:
+def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The flags of Settings; with defaults=False a flag not on the command line is left out of what it parses."""
     parser = argparse.ArgumentParser(
         usage="python rl4vlm.py [--env ENV] [--seeds SEED ...] [options below]",
         description="RL4VLM: PPO fine-tuning of a vision-language model on gym-cards.",
@@ -162,19 +163,54 @@ def parse_settings(argv=None) -> Settings:
     group = parser
     for f in fields(Settings):
         group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
-        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        name, text = flag(f.name), f.metadata["help"]
+        default = (list(f.default) if isinstance(f.default, tuple) else f.default) if defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            group.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif isinstance(f.default, tuple):
-            group.add_argument(flag, type=f.metadata["type"], nargs="+", default=list(f.default), help=text)
+            group.add_argument(name, type=f.metadata["type"], nargs="+", default=default, help=text)
         else:
-            group.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default, help=text)
+            group.add_argument(name, type=f.metadata["type"] or type(f.default), default=default, help=text)
+    return parser
+
+
+RESUMABLE = ("device", "workers", "threads", "dist_timeout", "track")  # what may change when a run goes on
+
+
+def parse_settings(argv=None) -> Settings:
+    """The command line's settings, checked; with --resume, the run's own, with the RESUMABLE flags given."""
+    parser = settings_parser()
     s = Settings(**vars(parser.parse_args(argv)))
     try:
         check_settings(s)
+        if s.resume:
+            s = resumed_settings(s.resume, vars(settings_parser(defaults=False).parse_args(argv)))
     except ValueError as e:
         parser.error(str(e))
     return s
+
+
+def resumed_settings(run_dir: str, given: dict) -> Settings:
+    """A run's settings.json with the RESUMABLE flags given on the command line; any other flag is refused (the run
+    goes on as it started), and so is a settings file this code cannot read as it was meant."""
+    refused = sorted(set(given) - {"resume", *RESUMABLE})
+    if refused:
+        raise ValueError(f"--resume goes on with the run's own settings: {', '.join(flag(n) for n in refused)} cannot "
+                         f"change (only {', '.join(map(flag, RESUMABLE))} can)")
+    saved, known = json.loads((Path(run_dir) / "settings.json").read_text()), {f.name for f in fields(Settings)}
+    if saved.keys() != known:
+        raise ValueError(f"--resume {run_dir}: its settings.json was written by another version of rl4vlm.py (fields "
+                         f"unknown here: {sorted(saved.keys() - known)}, missing: {sorted(known - saved.keys())})")
+    changes = {k: v for k, v in given.items() if k != "resume" and v != saved[k]}
+    if changes:
+        print(f"resuming {run_dir} with " + ", ".join(f"{flag(k)} {v} (was {saved[k]})" for k, v in changes.items()))
+    s = Settings(**dict(saved, **changes, resume=run_dir))
+    check_settings(s)
+    return s
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_settings(s: Settings) -> None:
@@ -185,12 +221,12 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"transformers {transformers.__version__} has no GenerationMixin.{POSITION_IDS}, which "
                          "position_ids calls: install the version requirements.txt names")
     for f in fields(Settings):
-        value, rule, flag = getattr(s, f.name), f.metadata["check"], "--" + f.name.replace("_", "-")
+        value, rule = getattr(s, f.name), f.metadata["check"]
         if isinstance(rule, tuple) and value not in rule:
             named = [c for c in rule if c]
-            raise ValueError(f"{flag} must be {', '.join(named[:-1])} or {named[-1]}, got {value!r}")
+            raise ValueError(f"{flag(f.name)} must be {', '.join(named[:-1])} or {named[-1]}, got {value!r}")
         if isinstance(rule, str) and value is not None and not (math.isfinite(value) and CHECKS[rule](value)):
-            raise ValueError(f"{flag} must be {rule}, got {value}")
+            raise ValueError(f"{flag(f.name)} must be {rule}, got {value}")
     for seed in [s.seed, *s.seeds]:
         if not 0 <= seed < MAX_SEED:
             raise ValueError(f"--seed must be in 0..{MAX_SEED - 1}, got {seed}")
@@ -1236,10 +1272,8 @@ def run(s: Settings, task, run_dir: Path) -> dict:
 
 
 def main(argv=None) -> dict:
-    s = parse_settings(argv)
+    s = parse_settings(argv)  # with --resume: the run's own settings
     run_dir = Path(s.resume) if s.resume else None
-    if run_dir:  # the run's own settings; the command line only names the run
-        s = Settings(**json.loads((run_dir / "settings.json").read_text()))
     s = lab.init_distributed(s)
     tasks = tasks_of(s.env)
     started = lab.gather(int(time.time()))[0]  # rank 0's clock names the run on every rank

@@ -1450,6 +1450,26 @@ def test_bad_settings_are_rejected_with_one_line(argv, message, tmp_path):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_resume_takes_the_flags_that_may_change_and_refuses_any_other_with_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = rl4vlm.asdict(rl4vlm.Settings(lr=2e-3, device="cpu"))
+    (run / "settings.json").write_text(json.dumps(saved))
+    s = rl4vlm.parse_settings(["--resume", str(run), "--threads", "2", "--workers", "0"])
+    assert (s.lr, s.threads, s.workers, s.resume) == (2e-3, 2, 0, str(run))
+    assert capsys.readouterr().out == f"resuming {run} with --threads 2 (was 1)\n"  # --workers 0: no change
+    for argv, name in ((["--lr", "0.5"], "--lr"), (["--no-cot"], "--cot"), (["--seeds", "1", "2"], "--seeds"),
+                       (["--lr", "0.002"], "--lr")):  # the last as saved: still not a flag --resume takes
+        with pytest.raises(SystemExit) as e:
+            rl4vlm.parse_settings(["--resume", str(run), *argv])
+        assert f"{name} cannot change" in str(e.value) and "\n" not in str(e.value), argv
+    for fields_then in (dict(saved, renamed_field=1), {k: v for k, v in saved.items() if k != "clip_vloss"}):
+        (run / "settings.json").write_text(json.dumps(fields_then))
+        with pytest.raises(SystemExit) as e:
+            rl4vlm.parse_settings(["--resume", str(run)])
+        assert "written by another version" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name", [f.name for f in fields(rl4vlm.Settings) if isinstance(f.default, float) or f.metadata["type"] is float])
 def test_every_float_flag_refuses_nan_and_inf(name, value):
