@@ -56,8 +56,10 @@ class WriteFailed(Exception):
 
 def write_atomically(path: Path, write) -> None:
     """write(tmp) beside `path`, fsync, rename to `path`, fsync the folder: after a crash, old or new, never half. A
-    write that fails removes its temporary and raises WriteFailed: what was being written, and why."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    folder is replaced in two renames, the old one aside first (a crash between them leaves it aside, and the next
+    write in that folder puts it back: remove_leftovers). A write that fails removes its temporary, leaves the old as
+    it was and raises WriteFailed: what was being written, and why."""
+    tmp, aside = (path.with_name(f".{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(path.parent)
@@ -65,11 +67,14 @@ def write_atomically(path: Path, write) -> None:
         for name in [*tmp.rglob("*"), tmp]:
             flush(name)
         if path.is_dir():
-            shutil.rmtree(path)
+            os.replace(path, aside)
         os.replace(tmp, path)
         flush(path.parent)
+        remove(aside)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors raise these for a full disk
         remove(tmp)
+        if aside.exists() and not path.exists():
+            os.replace(aside, path)
         raise WriteFailed(path, e) from e
 
 
@@ -79,11 +84,12 @@ def remove(path: Path) -> None:
 
 def remove_leftovers(folder: Path) -> None:
     """Remove the temporaries that writers killed mid-write (SIGKILL, out of memory) left in `folder`, named with
-    their process ids; a live writer's stay."""
-    for tmp in folder.glob(".*.tmp*"):
-        pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not alive(int(pid)):
-            remove(tmp)
+    their process ids, and put back an old folder one left aside with no new one in its place; a live writer's stay."""
+    for kind in ("tmp", "old"):
+        for left in folder.glob(f".*.{kind}*"):
+            name, _, pid = left.name[1:].rpartition(f".{kind}")
+            if pid.isdigit() and not alive(int(pid)):
+                os.replace(left, folder / name) if kind == "old" and not (folder / name).exists() else remove(left)
 
 
 def alive(pid: int) -> bool:

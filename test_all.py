@@ -2325,6 +2325,31 @@ def test_a_failed_write_leaves_the_file_as_it_was_and_no_temporary(tmp_path):
     assert (tmp_path / "latest").read_text() == "checkpoint-00001" and os.listdir(tmp_path) == ["latest"]
 
 
+def test_a_folder_replaced_is_never_lost_between_its_two_renames(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoint-00002"
+    folder.mkdir()
+    (folder / "weights").write_text("old")
+    renames = []
+
+    def replace_then_fail(src, dst):  # the old folder goes aside, then the new one's rename fails
+        renames.append(src)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        os.rename(src, dst)
+    with monkeypatch.context() as patch:
+        patch.setattr(lab.os, "replace", replace_then_fail)
+        with pytest.raises(lab.WriteFailed):
+            lab.write_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "weights").write_text("new")))
+    assert (folder / "weights").read_text() == "old" and os.listdir(tmp_path) == [folder.name]
+    # a writer killed between the renames left the old folder aside: the next write in the folder puts it back
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.rename(folder, tmp_path / f".{folder.name}.old{int(dead.stdout)}")
+    lab.write_text(tmp_path / "latest", folder.name)
+    assert (folder / "weights").read_text() == "old" and sorted(os.listdir(tmp_path)) == [folder.name, "latest"]
+    lab.write_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "weights").write_text("new")))
+    assert (folder / "weights").read_text() == "new" and sorted(os.listdir(tmp_path)) == [folder.name, "latest"]
+
+
 @pytest.mark.slow
 def test_a_failing_rank_stops_the_other_instead_of_hanging():
     """Two gloo processes: rank 1 raises, rank 0 waits for it in a gather and must fail too (a
