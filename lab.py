@@ -425,11 +425,12 @@ def run_many(s, tasks, run_dir: Path, run) -> dict:
         curves = {f"{t.name} {name}".strip(): (runs[t.name, name, seed][1], t.paper.get(PAPER.get(name), ""))
                   for t in tasks for name in variants}
         plot_curves(run_dir / f"seed{seed}" / f"{s.ablations or 'curves'}.png", curves, f"seed {seed}")
-    if s.ablations:
+    if s.ablations:  # after RL: with the env steps each variant played (gigpo plays its deals to their end)
+        played = lambda t, name: np.mean([metrics(runs[t.name, name, seed][1])[-1]["env_steps"] for seed in seeds])
         rows = [(t.name, f"{name}, {label}", [results[t.name, name, seed][stage] for seed in seeds],
                  t.paper.get(PAPER.get(name), "") if stage == "rl" else "")
                 for t in tasks for name in variants
-                for stage, label in (("warm_start", "warm start"), ("rl", "after RL"))]
+                for stage, label in (("warm_start", "warm start"), ("rl", f"after RL, {played(t, name):,.0f} env steps"))]
         md = "\n".join(["Success % (paper: after RL)", ""] + seed_rows(rows, seeds))
         write_text(run_dir / "ablations.md", md + "\n")
     else:

@@ -102,7 +102,8 @@ class Settings:
 
     num_envs: int = _opt(32, "environments stepped in parallel, one prompt each (in all, under torchrun)", check="> 0")
     num_steps: int = _opt(None, "steps per env per update (default: the task's)", int, check="> 0")
-    total_steps: int = _opt(15360, "env steps of RL in all", check="> 0")
+    total_steps: int = _opt(15360, "env steps of RL in all: total_steps // (num_envs * num_steps) updates (gigpo plays "
+                            "each update's deals to their end, and logs the steps it played)", check="> 0")
 
     gamma: float = _opt(0.9, "discount", check="in [0, 1]")
     gae_lambda: float = _opt(0.95, "GAE lambda", check="in [0, 1]")
@@ -1228,6 +1229,7 @@ def run(s: Settings, task, run_dir: Path) -> dict:
     done, results, lines = lab.restore_checkpoint(run_dir, policy, scheduler, pool, rng) if resuming else (0, {}, [])
     if resuming:  # metrics.jsonl is written whole after each update: its lines past the checkpoint go then
         log(f"resuming {run_dir} after update {done}")
+    env_steps = json.loads(lines[-1])["env_steps"] if lines else 0  # played: gigpo plays its deals to their end
     if "warm_start" not in results:
         page = s.episodes and run_dir / "episodes-warm_start.md"
         results["warm_start"] = evaluate(policy, task, s, log, "warm start", page)
@@ -1248,11 +1250,11 @@ def run(s: Settings, task, run_dir: Path) -> dict:
         stats.update(ppo_update(policy, optimizer, samples, advantages, returns, s, rng))
         lr = scheduler.get_last_lr()[0]  # this update's
         scheduler.step()
-        seconds = time.time() - t0
-        metrics = dict(update=update, env_steps=update * batch_size, **stats, lr=lr,
+        seconds, env_steps = time.time() - t0, env_steps + stats["samples"]
+        metrics = dict(update=update, env_steps=env_steps, **stats, lr=lr,
                        rollout_seconds=round(rollout_seconds, 2), steps_per_second=round(stats["samples"] / seconds, 1))
         top = max(stats["action_share"].items(), key=lambda kv: kv[1])
-        log(f"update {update}/{num_updates}  steps {update * batch_size}  "
+        log(f"update {update}/{num_updates}  steps {env_steps}  "
             + "  ".join(f"{k} {stats[k]:.3g}" for k in LOGGED)
             + f"  top action {top[0]!r} {top[1]:.2f}  {stats['samples'] / seconds:.0f} steps/s")
         if is_main:

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import importlib.util
+import itertools
 from itertools import combinations_with_replacement
 from pathlib import Path
 import json
@@ -2225,6 +2226,15 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sig
     resumed = rl4vlm.main(["--resume", str(killed)])
     assert strip_timing(lab.metrics(killed)) == strip_timing(rows)
     assert strip_seconds(resumed) == strip_seconds(results)
+
+
+@pytest.mark.slow
+def test_gigpo_logs_the_env_steps_it_played_past_each_batch(cache, tmp_path):
+    rl4vlm.main(FAST + ["--advantage", "gigpo", "--group-size", "2", "--cache-dir", str(cache), "--out-dir",
+                        str(tmp_path), "--run-name", "gigpo"])
+    rows = lab.metrics(tmp_path / "gigpo")
+    assert [r["env_steps"] for r in rows] == list(itertools.accumulate(r["samples"] for r in rows))
+    assert rows[-1]["env_steps"] > 4 * 4 * len(rows)  # batches of 16: the deals ran past them
 
 
 @pytest.mark.slow
