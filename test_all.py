@@ -1564,12 +1564,12 @@ def test_a_task_added_to_the_table_changes_neither_the_suite_nor_the_builtin_mod
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the pins are x86-64's")
 def test_torch_mkl_and_onednn_kernels_are_pinned_to_avx2_unless_the_user_set_them():
     code = "import os, rl4vlm, torch; print(torch.backends.cpu.get_cpu_capability(), *map(os.getenv, rl4vlm.CPU_PINS))"
-    env = {k: v for k, v in os.environ.items() if k not in rl4vlm.CPU_PINS}
-    ask = lambda: subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True,
-                                 check=True).stdout.split()
-    assert ask() == ["AVX2", "avx2", "AVX2", "AVX2"]  # this machine's own is AVX512
-    env["ATEN_CPU_CAPABILITY"] = "default"
-    assert ask() == ["DEFAULT", "default", "AVX2", "AVX2"]
+    unset = {k: v for k, v in os.environ.items() if k not in rl4vlm.CPU_PINS}
+    asked = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=HERE, stdout=subprocess.PIPE, text=True)
+             for env in (unset, dict(unset, ATEN_CPU_CAPABILITY="default"))]  # the second: a user's own setting
+    pinned, users = (process.communicate()[0].split() for process in asked)
+    assert pinned == ["AVX2", "avx2", "AVX2", "AVX2"]  # this machine's own is AVX512
+    assert users == ["DEFAULT", "default", "AVX2", "AVX2"]
 
 
 def test_env_names_one_task_several_or_the_suite():
@@ -1845,14 +1845,15 @@ def test_a_run_warm_started_on_an_sft_data_file(llava, tmp_path):
 def test_a_task_without_the_papers_numbers_writes_its_tables_and_curves(llava, tmp_path, monkeypatch):
     task = envs.get_task("numberline")
     monkeypatch.setitem(envs.TASKS, task.env_id, replace(task, paper={}))  # a fork's task: the paper never ran it
-    rl4vlm.main(fast_args(llava, tmp_path, "--run-name", "one"))
-    assert "| rl |" in (tmp_path / "one" / "results.md").read_text() and (tmp_path / "one" / "curve.png").exists()
-    rl4vlm.main(fast_args(llava, tmp_path, "--seeds", "1", "2", "--workers", "1", "--run-name", "suite"))
+    rl4vlm.main(fast_args(llava, tmp_path, "--seeds", "1", "--workers", "1", "--run-name", "suite"))
+    run = tmp_path / "suite" / "seed1" / "NumberLine"
+    assert "| rl |" in (run / "results.md").read_text() and (run / "curve.png").exists()  # the run's own
     table = (tmp_path / "suite" / "results.md").read_text()
     assert "| NumberLine | after RL |" in table and table.count("|  |") == 2  # the paper's column empty
     assert (tmp_path / "suite" / "results.csv").read_text().splitlines()[1].endswith(",")
 
 
+@pytest.mark.slow
 def test_sft_steps_0_starts_rl_from_the_model_itself(llava, tmp_path):
     results = rl4vlm.main(fast_args(llava, tmp_path, "--sft-steps", "0", "--run-name", "no-sft"))
     assert set(results) == {"warm_start", "rl"} and not list((tmp_path / "cache").glob("sft-*"))
@@ -2229,15 +2230,6 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_resumes_exactly_after_sig
 
 
 @pytest.mark.slow
-def test_gigpo_logs_the_env_steps_it_played_past_each_batch(cache, tmp_path):
-    rl4vlm.main(FAST + ["--advantage", "gigpo", "--group-size", "2", "--cache-dir", str(cache), "--out-dir",
-                        str(tmp_path), "--run-name", "gigpo"])
-    rows = lab.metrics(tmp_path / "gigpo")
-    assert [r["env_steps"] for r in rows] == list(itertools.accumulate(r["samples"] for r in rows))
-    assert rows[-1]["env_steps"] > 4 * 4 * len(rows)  # batches of 16: the deals ran past them
-
-
-@pytest.mark.slow
 def test_every_tensor_is_made_on_the_device_it_is_used_on(cache, tmp_path, monkeypatch):
     """With torch's default device set to meta, a tensor made without naming its device lands on meta and raises
     where it meets the policy's (CPU) tensors, as a CPU tensor meets a GPU run's; only the processor and model
@@ -2446,15 +2438,16 @@ def commented():
     return f
 
 
-@pytest.mark.slow
 def test_another_model_saved_at_the_same_path_gets_a_warm_start_of_its_own(llava, tmp_path):
-    rl4vlm.main(fast_args(llava, tmp_path, "--total-steps", "4", "--run-name", "first"))
+    task = envs.get_task("numberline")
+    s = task.with_defaults(rl4vlm.Settings(model=str(llava), sft_steps=1, sft_batch=2, cache_dir=str(tmp_path)))
+    rl4vlm.warm_started_policy(s, task, log=lambda *a: None)
     weights = load_file(llava / "model.safetensors")
     name = sorted(weights)[0]
     weights[name] = weights[name] + 0.01  # retrained, saved where the first one was: same folder name, same config
     save_file(weights, llava / "model.safetensors", metadata={"format": "pt"})
-    rl4vlm.main(fast_args(llava, tmp_path, "--total-steps", "4", "--run-name", "second"))
-    assert len(list((tmp_path / "cache").glob("sft-*"))) == 2
+    rl4vlm.warm_started_policy(s, task, log=lambda *a: None)
+    assert len(list(tmp_path.glob("sft-*"))) == 2
 
 
 @pytest.mark.slow
@@ -2518,6 +2511,15 @@ def parallel_suite(cache, tmp_path_factory):
         serial_printed = serial.communicate(timeout=300)[0]
     assert serial.returncode == 0, serial_printed
     return out, "".join(printed), stopped, left
+
+
+@pytest.mark.slow
+def test_gigpo_logs_the_env_steps_it_played_past_each_batch(parallel_suite):
+    suite = parallel_suite[0] / "suite"
+    rows = lab.metrics(suite / "seed1" / "NumberLine-GiGPO")  # interrupted and resumed: the count goes on
+    assert [r["env_steps"] for r in rows] == list(itertools.accumulate(r["samples"] for r in rows))
+    assert rows[-1]["env_steps"] > 4 * 4 * len(rows)  # batches of 16: the deals ran past them
+    assert f"| NumberLine | GiGPO, after RL, {rows[-1]['env_steps']:,} env steps |" in (suite / "ablations.md").read_text()
 
 
 @pytest.mark.slow
