@@ -518,18 +518,24 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
             for t in tasks for stage, label, paper in stages]
     md = [f"Success % (seeds {', '.join(map(str, seeds))}; 500 held-out episodes a cell unless --eval-episodes "
           "says otherwise)", "", *seed_rows(rows, seeds), "",
-          "Warm start -> after RL, means over the seeds; the approx_kl of every kept PPO step and the undone ones:", "",
-          "| task | greedy action = expert's % | answers read right % | thoughts true % | format failures % | "
-          "approx_kl median | max | undone steps |", "|---" * 8 + "|"]
+          "Warm start -> after RL, means over the seeds; the approx_kl of every kept PPO step and the undone ones; "
+          "the critic's explained variance and value loss, means over the first and the second half of the updates:",
+          "", "| task | greedy action = expert's % | answers read right % | thoughts true % | format failures % | "
+          "approx_kl median | max | undone steps | explained variance | value loss |", "|---" * 10 + "|"]
     csv = ["task,seed,stage,success,ci_low,ci_high,episodes,expert_match,read_right,thought_right,format_fail,solvable,"
            "paper"]
     for t in tasks:
         mean = {k: [100 * np.mean([results[t.name, seed][stage][k] for seed in seeds]) for stage, *_ in stages]
                 for k in ("expert_match", "read_right", "thought_right", "format_fail")}
-        updates = [m for seed in seeds for m in metrics(run_dir / f"seed{seed}" / t.name)]
+        runs = [metrics(run_dir / f"seed{seed}" / t.name) for seed in seeds]
+        updates = [m for rows in runs for m in rows]
         kl = [kl for m in updates for kl in m["step_kls"]] or [math.nan]  # every kept step
+        halves = [m for rows in runs for m in rows[:len(rows) // 2]], [m for rows in runs for m in rows[len(rows) // 2:]]
+        critic = [" -> ".join(f"{np.nanmean([m[k] for m in half]):.2f}" for half in halves)
+                  for k in ("explained_variance", "value_loss")]
         md.append(f"| {t.name} | " + " | ".join("{:.1f} -> {:.1f}".format(*v) for v in mean.values())
-                  + f" | {np.median(kl):.4f} | {max(kl):.4f} | {sum(m['undone_steps'] for m in updates)} |")
+                  + f" | {np.median(kl):.4f} | {max(kl):.4f} | {sum(m['undone_steps'] for m in updates)} | "
+                  + " | ".join(critic) + " |")
         for seed, (stage, _, paper) in itertools.product(seeds, stages):
             r = results[t.name, seed][stage]
             csv.append(f"{t.name},{seed},{stage},{r['success']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},"

@@ -2598,7 +2598,8 @@ def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
             results[t.name, seed] = {"warm_start": r(ws, t), "rl": r(rl, t)}
             folder = tmp_path / f"seed{seed}" / t.name
             folder.mkdir(parents=True)
-            updates = [dict(step_kls=[0.01, 0.02], undone_steps=0), dict(step_kls=[seed / 10], undone_steps=1)]
+            updates = [dict(step_kls=[0.01, 0.02], undone_steps=0, explained_variance=-0.1, value_loss=4.0),
+                       dict(step_kls=[seed / 10], undone_steps=1, explained_variance=0.1 * seed, value_loss=2.0 / seed)]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in updates))
     md, csv = lab.suite_tables(tasks, [1, 3], results, tmp_path)
     lines = md.splitlines()
@@ -2607,8 +2608,10 @@ def test_suite_table_shows_each_seed_the_mean_and_the_range(tmp_path):
     assert lines[5] == "| NumberLine | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 89.4 |"
     assert lines[11] == "| Blackjack | after RL | 60.0 | 90.0 | 75.0 | 60.0-90.0 | 40.2 |"
     # expert match, reading, thoughts, format failures: means over seeds (warm start 0.15, after RL 0.75);
-    # the kept steps' approx_kl median and max, and the undone steps, of both seeds
-    assert ("| EZPoints | 7.5 -> 37.5 | 92.5 -> 62.5 | 97.0 -> 85.0 | 1.5 -> 7.5 | 0.0200 | 0.3000 | 2 |") in lines
+    # the kept steps' approx_kl median and max, and the undone steps, of both seeds; the critic's explained variance
+    # and value loss over the first half of each seed's updates (-0.1, 4) and the second (0.1 and 0.3, 2 and 2/3)
+    assert ("| EZPoints | 7.5 -> 37.5 | 92.5 -> 62.5 | 97.0 -> 85.0 | 1.5 -> 7.5 | 0.0200 | 0.3000 | 2 | -0.10 -> 0.20 "
+            "| 4.00 -> 1.33 |") in lines
     assert "Points24: 73.0% of the evaluated deals can be won at all." in md
     rows = csv.splitlines()
     assert rows[0] == ("task,seed,stage,success,ci_low,ci_high,episodes,expert_match,read_right,thought_right,"
