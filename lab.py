@@ -88,8 +88,12 @@ def remove_leftovers(folder: Path) -> None:
     for kind in ("tmp", "old"):
         for left in folder.glob(f".*.{kind}*"):
             name, _, pid = left.name[1:].rpartition(f".{kind}")
-            if pid.isdigit() and not alive(int(pid)):
-                os.replace(left, folder / name) if kind == "old" and not (folder / name).exists() else remove(left)
+            if not pid.isdigit() or alive(int(pid)):
+                continue
+            if kind == "old" and not (folder / name).exists():
+                os.replace(left, folder / name)
+            else:
+                remove(left)
 
 
 def alive(pid: int) -> bool:
