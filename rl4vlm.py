@@ -355,7 +355,8 @@ def model_key(path: str) -> str:
     folder = Path(path)
     if not folder.is_dir():  # a hub id: the commit that holds its config now (the cached one when offline)
         from huggingface_hub import hf_hub_download
-        return "revision " + Path(hf_hub_download(path, "config.json")).parent.name
+        with lab.damaged(folder, "check the model's name, and the network or the hub's cache"):
+            return "revision " + Path(hf_hub_download(path, "config.json")).parent.name
     digest = hashlib.sha256()
     for file in sorted(f for f in folder.iterdir() if f.is_file()):  # a 7B model's 15 GB: about 10 s, once a run
         with open(file, "rb") as f:
