@@ -535,8 +535,8 @@ def suite_tables(tasks, seeds, results: dict, run_dir: Path) -> tuple[str, str]:
         updates = [m for rows in runs for m in rows]
         kl = [kl for m in updates for kl in m["step_kls"]] or [math.nan]  # every kept step
         halves = [m for rows in runs for m in rows[:len(rows) // 2]], [m for rows in runs for m in rows[len(rows) // 2:]]
-        critic = [" -> ".join(f"{np.nanmean([m[k] for m in half]):.2f}" for half in halves)
-                  for k in ("explained_variance", "value_loss")]
+        critic = [" -> ".join(f"{np.nanmean([m[k] for m in half]):.2f}" if half else "-" for half in halves)
+                  for k in ("explained_variance", "value_loss")]  # "-": a run of one update has no first half
         md.append(f"| {t.name} | " + " | ".join("{:.1f} -> {:.1f}".format(*v) for v in mean.values())
                   + f" | {np.median(kl):.4f} | {max(kl):.4f} | {sum(m['undone_steps'] for m in updates)} | "
                   + " | ".join(critic) + " |")
